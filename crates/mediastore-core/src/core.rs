@@ -1,0 +1,969 @@
+//! The state machine: refs, scopes, holds, per-file counts and deadlines.
+//!
+//! # Invariants
+//!
+//! 1. Every hold in a scope's queue names a live ref, and that ref lists the
+//!    scope (the same `Arc`) once per hold. A hold popped by a release or a
+//!    sweep is "in flight" until its holder entry is dropped from the ref; the
+//!    ref stays alive until then, so a handle is never reused while a hold or
+//!    an in-flight removal can still point at it.
+//! 2. A file record's `count` equals the number of live refs with its key.
+//!    Registration bumps the count *before* the ref exists, and removal drops
+//!    it *after* the ref is gone, so the count is never below the truth.
+//! 3. A file is handed out for deletion exactly when its count reaches zero
+//!    while it is `Live` and unpinned. It then stays `Deleting` until the
+//!    engine reports back; a registration of a `Deleting` file is refused.
+//!    This is what closes the seed's race: there is no moment in which a file
+//!    has zero refs, is about to be unlinked, and can still gain a ref.
+//! 4. A scope record exists only while it has holds, and it is in the deadline
+//!    index exactly when it has holds and a max age.
+//!
+//! # Locking
+//!
+//! State is sharded three ways: refs by ref id (so resolves of unrelated refs
+//! never share a lock), scopes by name, files by identity. Locks nest only as
+//! scope partition → ref shard; file shards are never held with another lock.
+//! Releases and sweeps pop holds under the partition lock, drop it, and then
+//! visit ref shards in short bounded runs, so readers wait microseconds.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::hash::BuildHasher;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+use slab::Slab;
+use smallvec::SmallVec;
+
+use crate::error::{Error, Result};
+use crate::types::{
+    CleanupPolicy, Expiry, FileKey, MediaMeta, MediaRef, ScopeRule, Timestamp, duration_nanos,
+    validate_scope,
+};
+
+const REF_SHARD_BITS: u32 = 6;
+const REF_SHARDS: usize = 1 << REF_SHARD_BITS;
+const SCOPE_PARTS: usize = 64;
+const FILE_SHARDS: usize = 64;
+/// Slots per ref shard are numbered in the bits above the shard number.
+const MAX_SLOT: usize = (1 << (32 - REF_SHARD_BITS)) - 1;
+/// Distinct path spellings remembered per file; more are resolved but not
+/// interned (a caller spelling one file a thousand ways gets no dedup).
+const MAX_SPELLINGS: usize = 16;
+/// Ref-shard operations done under one lock acquisition during a release or
+/// sweep; bounds how long a reader of that shard can wait.
+const RUN: usize = 32;
+
+/// A scope name, shared between the scope record and the refs it holds.
+type ScopeName = Arc<str>;
+
+/// Settings of the state machine.
+#[derive(Clone, Debug, Default)]
+pub struct CoreConfig {
+    /// Max age of holds whose scope has no rule or override. `None` or zero:
+    /// such holds never expire.
+    pub default_max_age: Option<Duration>,
+    /// Per-prefix expiry; the longest matching prefix wins.
+    pub scope_rules: Vec<ScopeRule>,
+}
+
+/// One registration to record.
+#[derive(Clone, Copy, Debug)]
+pub struct Registration<'a> {
+    /// The new ref (the engine draws the randomness).
+    pub id: MediaRef,
+    /// Identity of the file, from the stat the engine did.
+    pub file: FileKey,
+    /// The path as the caller spelled it; resolves return this spelling.
+    pub path: &'a Path,
+    /// Size of the file at registration.
+    pub size: u64,
+    /// Metadata; its `policy` field is ignored in favour of `policy`.
+    pub meta: &'a MediaMeta,
+    /// The policy the engine decided on.
+    pub policy: CleanupPolicy,
+    /// The scope that holds the new ref.
+    pub scope: &'a str,
+}
+
+/// What a resolve returns.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// The ref.
+    pub id: MediaRef,
+    /// The path as it was registered.
+    pub path: Arc<Path>,
+    /// Metadata, with the applied policy in `policy`.
+    pub meta: Arc<MediaMeta>,
+    /// When the ref was registered.
+    pub stored_at: Timestamp,
+    /// The file's identity.
+    pub file: FileKey,
+}
+
+/// A file whose last ref is gone and which may now be deleted. The engine
+/// must report back with [`Core::finish_deletion`].
+#[derive(Clone, Debug)]
+pub struct Deletion {
+    /// Identity the file had when registered; the engine must check it still
+    /// matches before unlinking, so a replaced file is never removed.
+    pub file: FileKey,
+    /// Every spelling under which the file was registered.
+    pub paths: Vec<Arc<Path>>,
+    /// Size at the last registration.
+    pub size: u64,
+}
+
+/// Outcome of removing holds (release or sweep).
+#[derive(Debug, Default)]
+pub struct Dropped {
+    /// Holds removed.
+    pub holds: u64,
+    /// Refs that lost their last hold and are gone.
+    pub refs_removed: u64,
+    /// Scopes that disappeared.
+    pub scopes_removed: u64,
+    /// Files that may now be deleted.
+    pub deletions: Vec<Deletion>,
+    /// True when a sweep stopped at its budget and more holds are due.
+    pub more: bool,
+}
+
+/// How the engine's deletion attempt ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// The file is gone (deleted now, or it already was).
+    Deleted,
+    /// It could not be removed; it is kept for a retry by a later sweep.
+    Failed,
+}
+
+/// Lifecycle of a tracked file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FileState {
+    /// Has refs.
+    Live,
+    /// Last ref gone; the engine is deleting it.
+    Deleting,
+    /// A deletion failed; a sweep will retry.
+    Failed,
+}
+
+/// Introspection of one file's record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FileStatus {
+    /// Live refs to the file.
+    pub refs: u32,
+    /// True when a `forget_only` ref pinned it during this life.
+    pub pinned: bool,
+    /// Where it is in its lifecycle.
+    pub state: FileState,
+}
+
+/// Counters for tests, tools and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CoreStats {
+    /// Live refs.
+    pub refs: u64,
+    /// Scopes with at least one hold.
+    pub scopes: u64,
+    /// Holds (a ref retained by two scopes counts twice).
+    pub holds: u64,
+    /// Files with live refs.
+    pub files: u64,
+    /// Files waiting for deletion or a retry.
+    pub pending_deletions: u64,
+}
+
+#[repr(align(128))]
+struct Padded<T>(T);
+
+struct RefRec {
+    id: MediaRef,
+    file: FileKey,
+    path: Arc<Path>,
+    meta: Arc<MediaMeta>,
+    stored_at: Timestamp,
+    holders: SmallVec<[ScopeName; 1]>,
+}
+
+#[derive(Default)]
+struct RefShard {
+    slab: Slab<RefRec>,
+    index: HashTable<u32>,
+    /// Interned metadata: a gateway registers the same few
+    /// (filename, type, source) triples over and over.
+    metas: HashTable<Arc<MediaMeta>>,
+    hasher: DefaultHashBuilder,
+}
+
+#[derive(Clone, Copy)]
+struct Hold {
+    handle: u32,
+    made_at: u64,
+}
+
+struct ScopeRec {
+    name: ScopeName,
+    holds: VecDeque<Hold>,
+    /// Every hold made before this instant counts as made at it (`touch`).
+    touched_at: u64,
+    /// `None`: the holds never expire.
+    max_age: Option<u64>,
+    /// The key under which the scope sits in the deadline index.
+    indexed: Option<u64>,
+}
+
+#[derive(Default)]
+struct ScopePart {
+    map: HashMap<ScopeName, ScopeRec>,
+    deadlines: BTreeSet<(u64, ScopeName)>,
+    overrides: HashMap<Box<str>, Expiry>,
+}
+
+struct FileRec {
+    count: u32,
+    pinned: bool,
+    state: FileState,
+    spellings: SmallVec<[Arc<Path>; 1]>,
+    size: u64,
+}
+
+#[derive(Default)]
+struct FileShard {
+    map: HashMap<FileKey, FileRec>,
+    failed: Vec<FileKey>,
+}
+
+/// The sans-IO state machine. It reads no clock and touches no file: times
+/// come in as arguments and files to delete go out as [`Deletion`]s.
+///
+/// All methods take `&self`; the state is sharded internally so that many
+/// threads can register, resolve and release at once.
+pub struct Core {
+    default_max_age: Option<u64>,
+    /// Sorted longest prefix first.
+    rules: Vec<ScopeRule>,
+    refs: Box<[Padded<RwLock<RefShard>>]>,
+    scopes: Box<[Padded<Mutex<ScopePart>>]>,
+    files: Box<[Padded<Mutex<FileShard>>]>,
+    hasher: DefaultHashBuilder,
+}
+
+fn ref_hash(id: MediaRef) -> u64 {
+    let v = id.as_u128();
+    // The low half is random except for the two variant bits; folding in the
+    // high half and multiplying spreads entropy to the bits hashbrown uses.
+    ((v as u64) ^ ((v >> 64) as u64).rotate_left(29)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+fn ref_shard(id: MediaRef) -> usize {
+    // The lowest bits of the high half are random in a v4 UUID.
+    ((id.as_u128() >> 64) as usize) & (REF_SHARDS - 1)
+}
+
+fn handle_parts(handle: u32) -> (usize, usize) {
+    (
+        (handle as usize) & (REF_SHARDS - 1),
+        (handle >> REF_SHARD_BITS) as usize,
+    )
+}
+
+fn nonzero(d: Duration) -> Option<u64> {
+    (!d.is_zero()).then(|| duration_nanos(d))
+}
+
+impl ScopeRec {
+    fn deadline(&self) -> Option<u64> {
+        let front = self.holds.front()?;
+        let max_age = self.max_age?;
+        Some(front.made_at.max(self.touched_at).saturating_add(max_age))
+    }
+
+    fn insert_sorted(&mut self, hold: Hold) {
+        // Clocks move forward, so this is almost always a push at the back;
+        // a hold dated in the past (tests, clock steps) slides into place.
+        let mut at = self.holds.len();
+        while at > 0 && self.holds[at - 1].made_at > hold.made_at {
+            at -= 1;
+        }
+        self.holds.insert(at, hold);
+    }
+}
+
+impl ScopePart {
+    fn reindex(&mut self, name: &str) {
+        let Some(rec) = self.map.get_mut(name) else {
+            return;
+        };
+        let want = rec.deadline();
+        if want == rec.indexed {
+            return;
+        }
+        if let Some(old) = rec.indexed.take() {
+            self.deadlines.remove(&(old, rec.name.clone()));
+        }
+        if let Some(new) = want {
+            self.deadlines.insert((new, rec.name.clone()));
+            rec.indexed = Some(new);
+        }
+    }
+
+    fn remove_scope(&mut self, name: &str) -> Option<ScopeRec> {
+        let rec = self.map.remove(name)?;
+        if let Some(old) = rec.indexed {
+            self.deadlines.remove(&(old, rec.name.clone()));
+        }
+        Some(rec)
+    }
+}
+
+impl RefShard {
+    fn find(&self, id: MediaRef) -> Option<usize> {
+        self.index
+            .find(ref_hash(id), |&slot| self.slab[slot as usize].id == id)
+            .map(|&slot| slot as usize)
+    }
+
+    fn intern_meta(&mut self, meta: &MediaMeta, policy: CleanupPolicy) -> Arc<MediaMeta> {
+        let hash = self.hasher.hash_one((
+            &meta.filename,
+            &meta.content_type,
+            &meta.source,
+            Some(policy),
+        ));
+        let eq = |m: &Arc<MediaMeta>| {
+            m.policy == Some(policy)
+                && m.filename == meta.filename
+                && m.content_type == meta.content_type
+                && m.source == meta.source
+        };
+        if let Some(found) = self.metas.find(hash, eq) {
+            return found.clone();
+        }
+        // Drop entries nobody else holds before the table grows, so a
+        // stream of unique filenames cannot accumulate here.
+        if self.metas.len() == self.metas.capacity() && self.metas.len() >= 64 {
+            self.metas.retain(|m| Arc::strong_count(m) > 1);
+        }
+        let mut owned = meta.clone();
+        owned.policy = Some(policy);
+        let arc = Arc::new(owned);
+        let hasher = &self.hasher;
+        self.metas.insert_unique(hash, arc.clone(), |m| {
+            hasher.hash_one((&m.filename, &m.content_type, &m.source, m.policy))
+        });
+        arc
+    }
+
+    /// Removes one holder entry; returns the ref's file when it was the last.
+    fn drop_holder(&mut self, slot: usize, scope: &ScopeName) -> Option<FileKey> {
+        let rec = &mut self.slab[slot];
+        if let Some(i) = rec.holders.iter().position(|h| Arc::ptr_eq(h, scope)) {
+            rec.holders.swap_remove(i);
+        } else {
+            debug_assert!(false, "hold without a holder entry");
+        }
+        if !rec.holders.is_empty() {
+            return None;
+        }
+        let id = rec.id;
+        let file = rec.file;
+        let found = self
+            .index
+            .find_entry(ref_hash(id), |&s| s as usize == slot)
+            .expect("live ref is indexed");
+        found.remove();
+        self.slab.remove(slot);
+        Some(file)
+    }
+}
+
+impl Core {
+    /// A state machine with the given settings.
+    pub fn new(config: CoreConfig) -> Self {
+        let mut rules = config.scope_rules;
+        rules.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        Self {
+            default_max_age: config.default_max_age.and_then(nonzero),
+            rules,
+            refs: (0..REF_SHARDS).map(|_| Padded(Default::default())).collect(),
+            scopes: (0..SCOPE_PARTS)
+                .map(|_| Padded(Default::default()))
+                .collect(),
+            files: (0..FILE_SHARDS).map(|_| Padded(Default::default())).collect(),
+            hasher: DefaultHashBuilder::default(),
+        }
+    }
+
+    /// True when some hold can expire: a default max age, or any rule or
+    /// override that sets one.
+    pub fn expiry_configured(&self) -> bool {
+        self.default_max_age.is_some()
+            || self
+                .rules
+                .iter()
+                .any(|r| matches!(r.expiry, Expiry::After(d) if !d.is_zero()))
+            || self.scopes.iter().any(|p| {
+                p.0.lock()
+                    .overrides
+                    .values()
+                    .any(|e| matches!(e, Expiry::After(d) if !d.is_zero()))
+            })
+    }
+
+    fn part(&self, scope: &str) -> &Mutex<ScopePart> {
+        &self.scopes[(self.hasher.hash_one(scope) as usize) % SCOPE_PARTS].0
+    }
+
+    fn file_shard(&self, key: &FileKey) -> &Mutex<FileShard> {
+        &self.files[(self.hasher.hash_one(key) as usize) % FILE_SHARDS].0
+    }
+
+    fn expiry_for(&self, part: &ScopePart, scope: &str) -> Option<u64> {
+        let mut expiry = part.overrides.get(scope).copied().unwrap_or_default();
+        if expiry == Expiry::Default {
+            expiry = self
+                .rules
+                .iter()
+                .find(|r| scope.starts_with(r.prefix.as_str()))
+                .map_or(Expiry::Default, |r| r.expiry);
+        }
+        match expiry {
+            Expiry::Default => self.default_max_age,
+            Expiry::Never => None,
+            Expiry::After(d) => nonzero(d),
+        }
+    }
+
+    fn scope_rec<'p>(&self, part: &'p mut ScopePart, scope: &str) -> &'p mut ScopeRec {
+        if !part.map.contains_key(scope) {
+            let max_age = self.expiry_for(part, scope);
+            let name: ScopeName = Arc::from(scope);
+            part.map.insert(
+                name.clone(),
+                ScopeRec {
+                    name,
+                    holds: VecDeque::new(),
+                    touched_at: 0,
+                    max_age,
+                    indexed: None,
+                },
+            );
+        }
+        part.map.get_mut(scope).expect("just inserted")
+    }
+
+    /// Records a new ref to a file under a scope.
+    ///
+    /// Fails with a not-found [`Error::File`] when the file is being deleted:
+    /// the engine stat'ed it just before its last ref went, and by the time
+    /// the caller could use the ref it would be gone.
+    pub fn register(&self, now: Timestamp, reg: Registration<'_>) -> Result<()> {
+        validate_scope(reg.scope)?;
+        let path = self.count_file(&reg)?;
+        let shard_no = ref_shard(reg.id);
+        let mut part = self.part(reg.scope).lock();
+        let rec = self.scope_rec(&mut part, reg.scope);
+        let name = rec.name.clone();
+        let inserted = {
+            let mut shard = self.refs[shard_no].0.write();
+            if shard.find(reg.id).is_some() {
+                Err(Error::InvalidRef {
+                    input: reg.id.to_string(),
+                    reason: "ref already registered",
+                })
+            } else if shard.slab.vacant_key() > MAX_SLOT {
+                Err(Error::Full("too many refs in one shard"))
+            } else {
+                let meta = shard.intern_meta(reg.meta, reg.policy);
+                let slot = shard.slab.insert(RefRec {
+                    id: reg.id,
+                    file: reg.file,
+                    path,
+                    meta,
+                    stored_at: now,
+                    holders: SmallVec::from_buf([name]),
+                });
+                let hash = ref_hash(reg.id);
+                let RefShard { slab, index, .. } = &mut *shard;
+                index.insert_unique(hash, slot as u32, |&s| ref_hash(slab[s as usize].id));
+                Ok(((slot as u32) << REF_SHARD_BITS) | shard_no as u32)
+            }
+        };
+        match inserted {
+            Ok(handle) => {
+                rec.insert_sorted(Hold {
+                    handle,
+                    made_at: now.0,
+                });
+                part.reindex(reg.scope);
+                Ok(())
+            }
+            Err(e) => {
+                if rec.holds.is_empty() {
+                    part.remove_scope(reg.scope);
+                }
+                drop(part);
+                self.uncount_file(reg.file);
+                Err(e)
+            }
+        }
+    }
+
+    /// Bumps the file's count (creating its record) and interns the spelling.
+    fn count_file(&self, reg: &Registration<'_>) -> Result<Arc<Path>> {
+        let mut shard = self.file_shard(&reg.file).lock();
+        let rec = shard.map.entry(reg.file).or_insert_with(|| FileRec {
+            count: 0,
+            pinned: false,
+            state: FileState::Live,
+            spellings: SmallVec::new(),
+            size: 0,
+        });
+        match rec.state {
+            FileState::Deleting => {
+                return Err(Error::file(
+                    reg.path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "file is being deleted (its last ref was just released)",
+                    ),
+                ));
+            }
+            FileState::Failed => {
+                // The file survived a failed delete and is wanted again: it
+                // starts a new life and leaves the retry list.
+                rec.state = FileState::Live;
+                rec.count = 0;
+                let key = reg.file;
+                shard.failed.retain(|k| *k != key);
+            }
+            FileState::Live => {}
+        }
+        let rec = shard.map.get_mut(&reg.file).expect("present");
+        if rec.count == 0 {
+            rec.pinned = false;
+        }
+        rec.count += 1;
+        rec.pinned |= reg.policy == CleanupPolicy::ForgetOnly;
+        rec.size = reg.size;
+        if let Some(p) = rec.spellings.iter().find(|p| ***p == *reg.path) {
+            return Ok(p.clone());
+        }
+        let p: Arc<Path> = Arc::from(reg.path);
+        if rec.spellings.len() < MAX_SPELLINGS {
+            rec.spellings.push(p.clone());
+        }
+        Ok(p)
+    }
+
+    /// Undoes a `count_file` whose ref never came to exist.
+    fn uncount_file(&self, key: FileKey) {
+        let mut shard = self.file_shard(&key).lock();
+        if let Some(rec) = shard.map.get_mut(&key) {
+            rec.count -= 1;
+            if rec.count == 0 {
+                shard.map.remove(&key);
+            }
+        }
+    }
+
+    /// Looks a ref up.
+    pub fn resolve(&self, id: MediaRef) -> Result<Resolved> {
+        let shard = self.refs[ref_shard(id)].0.read();
+        let slot = shard.find(id).ok_or(Error::UnknownRef(id))?;
+        let rec = &shard.slab[slot];
+        Ok(Resolved {
+            id,
+            path: rec.path.clone(),
+            meta: rec.meta.clone(),
+            stored_at: rec.stored_at,
+            file: rec.file,
+        })
+    }
+
+    /// Adds `scope` as a holder of the ref, or renews its hold if it already
+    /// is one.
+    pub fn retain(&self, now: Timestamp, id: MediaRef, scope: &str) -> Result<()> {
+        validate_scope(scope)?;
+        let shard_no = ref_shard(id);
+        let mut part = self.part(scope).lock();
+        let rec = self.scope_rec(&mut part, scope);
+        let mut shard = self.refs[shard_no].0.write();
+        let Some(slot) = shard.find(id) else {
+            drop(shard);
+            if rec.holds.is_empty() {
+                part.remove_scope(scope);
+            }
+            return Err(Error::UnknownRef(id));
+        };
+        let handle = ((slot as u32) << REF_SHARD_BITS) | shard_no as u32;
+        let ref_rec = &mut shard.slab[slot];
+        let listed = ref_rec.holders.iter().any(|h| Arc::ptr_eq(h, &rec.name));
+        // The holder list may name this scope for a hold a sweep has already
+        // popped (in flight); only the queue says whether a hold exists.
+        let queued = if listed {
+            rec.holds.iter().position(|h| h.handle == handle)
+        } else {
+            None
+        };
+        match queued {
+            Some(i) => {
+                rec.holds.remove(i);
+            }
+            None => ref_rec.holders.push(rec.name.clone()),
+        }
+        drop(shard);
+        rec.insert_sorted(Hold {
+            handle,
+            made_at: now.0,
+        });
+        part.reindex(scope);
+        Ok(())
+    }
+
+    /// Renews every hold of the scope as of `now`. Returns how many holds it
+    /// has (0 for an unknown scope).
+    pub fn touch(&self, now: Timestamp, scope: &str) -> Result<usize> {
+        validate_scope(scope)?;
+        let mut part = self.part(scope).lock();
+        let Some(rec) = part.map.get_mut(scope) else {
+            return Ok(0);
+        };
+        rec.touched_at = rec.touched_at.max(now.0);
+        let n = rec.holds.len();
+        part.reindex(scope);
+        Ok(n)
+    }
+
+    /// Sets how long the holds of `scope` live; [`Expiry::Default`] removes
+    /// the override. Applies to existing holds at once and to the scope's
+    /// future holds, also after it empties and comes back.
+    pub fn set_scope_expiry(&self, scope: &str, expiry: Expiry) -> Result<()> {
+        validate_scope(scope)?;
+        let mut part = self.part(scope).lock();
+        if expiry == Expiry::Default {
+            part.overrides.remove(scope);
+        } else {
+            part.overrides.insert(scope.into(), expiry);
+        }
+        let max_age = self.expiry_for(&part, scope);
+        if let Some(rec) = part.map.get_mut(scope) {
+            rec.max_age = max_age;
+            part.reindex(scope);
+        }
+        Ok(())
+    }
+
+    /// Drops every hold of the scope. Unknown scopes are a no-op.
+    pub fn release_all(&self, scope: &str) -> Result<Dropped> {
+        validate_scope(scope)?;
+        let Some(rec) = self.part(scope).lock().remove_scope(scope) else {
+            return Ok(Dropped::default());
+        };
+        let mut items: Vec<(u32, ScopeName)> = rec
+            .holds
+            .iter()
+            .map(|h| (h.handle, rec.name.clone()))
+            .collect();
+        let mut out = Dropped {
+            scopes_removed: 1,
+            ..Dropped::default()
+        };
+        self.drop_holds(&mut items, &mut out);
+        Ok(out)
+    }
+
+    /// Drops up to `budget` holds whose deadline is before `now` (strictly:
+    /// a hold exactly max-age old survives). Call again while `more` is set;
+    /// each call holds a lock only for a bounded amount of work.
+    pub fn expire(&self, now: Timestamp, budget: usize) -> Dropped {
+        let mut out = Dropped::default();
+        let mut items: Vec<(u32, ScopeName)> = Vec::new();
+        for part in self.scopes.iter() {
+            let mut part = part.0.lock();
+            while items.len() < budget {
+                let Some((deadline, name)) = part.deadlines.first().cloned() else {
+                    break;
+                };
+                if deadline >= now.0 {
+                    break;
+                }
+                let rec = part.map.get_mut(&*name).expect("indexed scope exists");
+                while items.len() < budget && rec.deadline().is_some_and(|d| d < now.0) {
+                    let hold = rec.holds.pop_front().expect("deadline implies a hold");
+                    items.push((hold.handle, rec.name.clone()));
+                }
+                if rec.holds.is_empty() {
+                    part.remove_scope(&name);
+                    out.scopes_removed += 1;
+                } else {
+                    part.reindex(&name);
+                }
+            }
+            if items.len() >= budget {
+                out.more = true;
+                break;
+            }
+        }
+        self.drop_holds(&mut items, &mut out);
+        out
+    }
+
+    /// The earliest deadline of any hold, for a cleaner that sleeps until due.
+    pub fn next_deadline(&self) -> Option<Timestamp> {
+        self.scopes
+            .iter()
+            .filter_map(|p| p.0.lock().deadlines.first().map(|(d, _)| *d))
+            .min()
+            .map(Timestamp)
+    }
+
+    /// Removes popped holds from their refs, then uncounts dead refs' files.
+    fn drop_holds(&self, items: &mut [(u32, ScopeName)], out: &mut Dropped) {
+        items.sort_unstable_by_key(|(h, _)| handle_parts(*h).0);
+        let mut dead: Vec<FileKey> = Vec::new();
+        for chunk in items.chunk_by(|a, b| handle_parts(a.0).0 == handle_parts(b.0).0) {
+            let shard_no = handle_parts(chunk[0].0).0;
+            for run in chunk.chunks(RUN) {
+                let mut shard = self.refs[shard_no].0.write();
+                for (handle, scope) in run {
+                    out.holds += 1;
+                    if let Some(file) = shard.drop_holder(handle_parts(*handle).1, scope) {
+                        dead.push(file);
+                    }
+                }
+            }
+        }
+        out.refs_removed += dead.len() as u64;
+        for file in dead {
+            if let Some(d) = self.uncount_dead_ref(file) {
+                out.deletions.push(d);
+            }
+        }
+    }
+
+    fn uncount_dead_ref(&self, key: FileKey) -> Option<Deletion> {
+        let mut shard = self.file_shard(&key).lock();
+        let rec = shard.map.get_mut(&key).expect("live ref's file is counted");
+        rec.count -= 1;
+        if rec.count > 0 {
+            return None;
+        }
+        if rec.pinned {
+            shard.map.remove(&key);
+            return None;
+        }
+        rec.state = FileState::Deleting;
+        Some(Deletion {
+            file: key,
+            paths: rec.spellings.to_vec(),
+            size: rec.size,
+        })
+    }
+
+    /// Reports how the engine's deletion of a file ended.
+    pub fn finish_deletion(&self, file: FileKey, outcome: DeleteOutcome) {
+        let mut shard = self.file_shard(&file).lock();
+        let Some(rec) = shard.map.get_mut(&file) else {
+            return;
+        };
+        if rec.state != FileState::Deleting {
+            return;
+        }
+        match outcome {
+            DeleteOutcome::Deleted => {
+                shard.map.remove(&file);
+            }
+            DeleteOutcome::Failed => {
+                rec.state = FileState::Failed;
+                shard.failed.push(file);
+            }
+        }
+    }
+
+    /// Hands out every file whose deletion failed, for another attempt.
+    pub fn retry_deletions(&self) -> Vec<Deletion> {
+        let mut out = Vec::new();
+        for shard in self.files.iter() {
+            let mut shard = shard.0.lock();
+            let FileShard { map, failed } = &mut *shard;
+            for key in failed.drain(..) {
+                if let Some(rec) = map.get_mut(&key).filter(|r| r.state == FileState::Failed) {
+                    rec.state = FileState::Deleting;
+                    out.push(Deletion {
+                        file: key,
+                        paths: rec.spellings.to_vec(),
+                        size: rec.size,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// The scopes holding a ref, sorted.
+    pub fn scopes_of(&self, id: MediaRef) -> Result<Vec<String>> {
+        let shard = self.refs[ref_shard(id)].0.read();
+        let slot = shard.find(id).ok_or(Error::UnknownRef(id))?;
+        let mut out: Vec<String> = shard.slab[slot]
+            .holders
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// The refs a scope holds, oldest hold first. Unknown scope: empty.
+    pub fn refs_in(&self, scope: &str) -> Result<Vec<MediaRef>> {
+        validate_scope(scope)?;
+        let part = self.part(scope).lock();
+        let Some(rec) = part.map.get(scope) else {
+            return Ok(Vec::new());
+        };
+        Ok(rec
+            .holds
+            .iter()
+            .map(|h| {
+                let (shard, slot) = handle_parts(h.handle);
+                self.refs[shard].0.read().slab[slot].id
+            })
+            .collect())
+    }
+
+    /// The record of one file, if the core tracks it.
+    pub fn file_status(&self, file: FileKey) -> Option<FileStatus> {
+        let shard = self.file_shard(&file).lock();
+        shard.map.get(&file).map(|r| FileStatus {
+            refs: r.count,
+            pinned: r.pinned,
+            state: r.state,
+        })
+    }
+
+    /// Counters. Each shard is read under its own lock, so under concurrent
+    /// writes the totals are a close approximation, not a snapshot.
+    pub fn stats(&self) -> CoreStats {
+        let mut s = CoreStats::default();
+        for p in self.scopes.iter() {
+            let p = p.0.lock();
+            s.scopes += p.map.len() as u64;
+            s.holds += p.map.values().map(|r| r.holds.len() as u64).sum::<u64>();
+        }
+        for r in self.refs.iter() {
+            s.refs += r.0.read().slab.len() as u64;
+        }
+        for f in self.files.iter() {
+            let f = f.0.lock();
+            for rec in f.map.values() {
+                if rec.state == FileState::Live {
+                    s.files += 1;
+                } else {
+                    s.pending_deletions += 1;
+                }
+            }
+        }
+        s
+    }
+
+    /// Cross-checks every invariant in the module docs. Meant for tests: it
+    /// takes all locks and must run while no other call is in progress.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        let parts: Vec<_> = self.scopes.iter().map(|p| p.0.lock()).collect();
+        let shards: Vec<_> = self.refs.iter().map(|r| r.0.read()).collect();
+        let files: Vec<_> = self.files.iter().map(|f| f.0.lock()).collect();
+        let mut holds_per_ref: std::collections::HashMap<(usize, usize), Vec<ScopeName>> =
+            Default::default();
+        for part in &parts {
+            let mut indexed = 0;
+            for (name, rec) in &part.map {
+                if rec.holds.is_empty() {
+                    return Err(format!("empty scope {name:?} kept"));
+                }
+                if rec.deadline() != rec.indexed {
+                    return Err(format!("scope {name:?} indexed at the wrong deadline"));
+                }
+                if let Some(d) = rec.indexed {
+                    indexed += 1;
+                    if !part.deadlines.contains(&(d, rec.name.clone())) {
+                        return Err(format!("scope {name:?} missing from the index"));
+                    }
+                }
+                if !rec
+                    .holds
+                    .iter()
+                    .zip(rec.holds.iter().skip(1))
+                    .all(|(a, b)| a.made_at <= b.made_at)
+                {
+                    return Err(format!("holds of {name:?} out of order"));
+                }
+                for h in &rec.holds {
+                    let (shard, slot) = handle_parts(h.handle);
+                    if !shards[shard].slab.contains(slot) {
+                        return Err(format!("scope {name:?} holds a dead ref"));
+                    }
+                    holds_per_ref
+                        .entry((shard, slot))
+                        .or_default()
+                        .push(rec.name.clone());
+                }
+            }
+            if indexed != part.deadlines.len() {
+                return Err("deadline index has stale entries".into());
+            }
+        }
+        let mut refs_per_file: std::collections::HashMap<FileKey, u32> = Default::default();
+        for (shard_no, shard) in shards.iter().enumerate() {
+            if shard.index.len() != shard.slab.len() {
+                return Err("ref index and slab disagree".into());
+            }
+            for (slot, rec) in shard.slab.iter() {
+                if shard.find(rec.id) != Some(slot) {
+                    return Err(format!("{} not findable", rec.id));
+                }
+                let mut want: Vec<*const u8> = holds_per_ref
+                    .remove(&(shard_no, slot))
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|s| Arc::as_ptr(s) as *const u8)
+                    .collect();
+                let mut have: Vec<*const u8> = rec
+                    .holders
+                    .iter()
+                    .map(|s| Arc::as_ptr(s) as *const u8)
+                    .collect();
+                want.sort();
+                have.sort();
+                if want != have || have.is_empty() {
+                    return Err(format!("{} holders disagree with scope holds", rec.id));
+                }
+                *refs_per_file.entry(rec.file).or_default() += 1;
+            }
+        }
+        for f in &files {
+            for (key, rec) in &f.map {
+                let refs = refs_per_file.remove(key).unwrap_or(0);
+                match rec.state {
+                    FileState::Live if rec.count != refs || refs == 0 => {
+                        return Err(format!("{key:?} counted {} but has {refs} refs", rec.count));
+                    }
+                    FileState::Deleting | FileState::Failed if refs != 0 || rec.count != 0 => {
+                        return Err(format!("{key:?} is being deleted with {refs} refs"));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(key) = refs_per_file.keys().next() {
+            return Err(format!("{key:?} has refs but no record"));
+        }
+        Ok(())
+    }
+}
