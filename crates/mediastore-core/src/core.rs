@@ -30,6 +30,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::hash::BuildHasher;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use hashbrown::{DefaultHashBuilder, HashMap, HashTable};
@@ -75,6 +76,8 @@ pub struct CoreConfig {
 pub struct Registration<'a> {
     /// The new ref (the engine draws the randomness).
     pub id: MediaRef,
+    /// [`Core::deletion_ticket`], read *before* the engine stat'ed the file.
+    pub ticket: u64,
     /// Identity of the file, from the stat the engine did.
     pub file: FileKey,
     /// The path as the caller spelled it; resolves return this spelling.
@@ -237,6 +240,8 @@ struct FileRec {
 struct FileShard {
     map: HashMap<FileKey, FileRec>,
     failed: Vec<FileKey>,
+    /// Deletion sequence number of the last file of this shard unlinked.
+    last_delete: u64,
 }
 
 /// The sans-IO state machine. It reads no clock and touches no file: times
@@ -252,6 +257,8 @@ pub struct Core {
     scopes: Box<[Padded<Mutex<ScopePart>>]>,
     files: Box<[Padded<Mutex<FileShard>>]>,
     hasher: DefaultHashBuilder,
+    /// Counts finished deletions; see [`Core::deletion_ticket`].
+    delete_seq: AtomicU64,
 }
 
 fn ref_hash(id: MediaRef) -> u64 {
@@ -397,7 +404,17 @@ impl Core {
                 .collect(),
             files: (0..FILE_SHARDS).map(|_| Padded(Default::default())).collect(),
             hasher: DefaultHashBuilder::default(),
+            delete_seq: AtomicU64::new(0),
         }
+    }
+
+    /// A ticket to read before stat'ing a file that is about to be
+    /// registered. A file can be stat'ed, then lose its last ref, be unlinked
+    /// and be forgotten, all before the registration reaches the core; the
+    /// ticket lets [`Core::register`] see that a deletion finished in between
+    /// and answer [`Error::Conflict`], so the engine stats again.
+    pub fn deletion_ticket(&self) -> u64 {
+        self.delete_seq.load(Ordering::Acquire)
     }
 
     /// True when some hold can expire: a default max age, or any rule or
@@ -518,6 +535,9 @@ impl Core {
     /// Bumps the file's count (creating its record) and interns the spelling.
     fn count_file(&self, reg: &Registration<'_>) -> Result<Arc<Path>> {
         let mut shard = self.file_shard(&reg.file).lock();
+        if shard.last_delete > reg.ticket {
+            return Err(Error::Conflict("a file was deleted while this one was being registered"));
+        }
         let rec = shard.map.entry(reg.file).or_insert_with(|| FileRec {
             count: 0,
             pinned: false,
@@ -779,6 +799,7 @@ impl Core {
         match outcome {
             DeleteOutcome::Deleted => {
                 shard.map.remove(&file);
+                shard.last_delete = self.delete_seq.fetch_add(1, Ordering::AcqRel) + 1;
             }
             DeleteOutcome::Failed => {
                 rec.state = FileState::Failed;
@@ -792,7 +813,7 @@ impl Core {
         let mut out = Vec::new();
         for shard in self.files.iter() {
             let mut shard = shard.0.lock();
-            let FileShard { map, failed } = &mut *shard;
+            let FileShard { map, failed, .. } = &mut *shard;
             for key in failed.drain(..) {
                 if let Some(rec) = map.get_mut(&key).filter(|r| r.state == FileState::Failed) {
                     rec.state = FileState::Deleting;

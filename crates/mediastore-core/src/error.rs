@@ -66,6 +66,10 @@ pub enum Error {
     /// A configuration value was refused.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// State changed under a concurrent operation; engines retry these
+    /// internally and callers see them only if retries run out.
+    #[error("media store: conflict, please retry: {0}")]
+    Conflict(&'static str),
     /// The store cannot take more refs (a per-shard slot counter would overflow).
     #[error("media store is full: {0}")]
     Full(&'static str),

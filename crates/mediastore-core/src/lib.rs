@@ -18,7 +18,8 @@
 //! let meta = MediaMeta::new("cat.jpg", "image/jpeg", "telegram");
 //! core.register(Timestamp(1), Registration {
 //!     id,
-//!     file: FileKey { dev: 1, ino: 7 },
+//!     ticket: core.deletion_ticket(),
+//!     file: FileKey { dev: 1, ino: 7, born: 0 },
 //!     path: Path::new("/downloads/cat.jpg"),
 //!     size: 1024,
 //!     meta: &meta,

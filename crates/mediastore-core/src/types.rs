@@ -222,14 +222,19 @@ impl MediaMeta {
     }
 }
 
-/// Identity of a file: device and inode on Unix. Two spellings of one file
-/// (`./`, `..`, symlinks, hard links) have the same key, so they share a count.
+/// Identity of a file: device, inode and birth time. Two spellings of one
+/// file (`./`, `..`, symlinks, hard links) have the same key, so they share a
+/// count. The birth time tells a file from a later one that reuses its inode
+/// number after it was deleted and re-created behind the store's back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct FileKey {
     /// Device number.
     pub dev: u64,
     /// Inode number.
     pub ino: u64,
+    /// Birth time in nanoseconds since the epoch, 0 where the filesystem
+    /// does not record one.
+    pub born: u64,
 }
 
 /// A point in time: nanoseconds since the Unix epoch. The core never reads a

@@ -1,1 +1,64 @@
-//! x
+//! mediastore: the media lifecycle store for AI-agent gateways.
+//!
+//! A gateway registers each downloaded or generated file under an opaque ref
+//! (`media://<uuid>`) held by one or more scopes (a message, a session). The
+//! store resolves refs back to files, and deletes a file when nothing holds
+//! it any more — never earlier: not while another ref to the same file
+//! exists (under any spelling of its path), not while a `forget_only` ref pins
+//! it, and not because a release raced with a new registration.
+//!
+//! - [`MediaStore`] is the async API every engine implements.
+//! - [`MemoryStore`] is the in-memory engine.
+//! - [`Cleaner`] sweeps expired holds in the background.
+//! - [`conformance`] (feature `conformance`) holds the scenarios every engine
+//!   passes.
+//!
+//! ```
+//! use std::time::Duration;
+//! use mediastore::{CleanupPolicy, MediaMeta, MediaStore, MemoryStore};
+//!
+//! # tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
+//! let downloads = tempfile::tempdir()?;
+//! let photo = downloads.path().join("photo.jpg");
+//! std::fs::write(&photo, b"\xff\xd8\xff")?;
+//!
+//! let store = MemoryStore::builder()
+//!     .owned_root(downloads.path())
+//!     .max_age(Duration::from_secs(30 * 60))
+//!     .build()?;
+//! let meta = MediaMeta::new("photo.jpg", "image/jpeg", "telegram");
+//! let r = store.store(&photo, &meta, "telegram:42:1001").await?;
+//!
+//! // The session keeps the photo after the message scope is released.
+//! store.retain(r, "session:42").await?;
+//! store.release_all("telegram:42:1001").await?;
+//! assert!(photo.exists());
+//! assert_eq!(store.resolve_with_meta(r).await?.meta.policy, Some(CleanupPolicy::DeleteOnCleanup));
+//!
+//! let report = store.release_all("session:42").await?;
+//! assert_eq!(report.files_deleted, 1);
+//! assert!(!photo.exists());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # })?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#[cfg(not(unix))]
+compile_error!("mediastore identifies files by device and inode and needs a Unix platform");
+
+mod api;
+mod cleaner;
+mod clock;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod fsops;
+mod memory;
+
+pub use api::{DeleteFailure, MediaStore, ReleaseReport, Stats, SweepReport};
+pub use cleaner::{Cleaner, CleanerConfig};
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use mediastore_core::{
+    CleanupPolicy, DeleteOutcome, Error, Expiry, FileKey, FileState, FileStatus, MediaMeta,
+    MediaRef, Resolved, Result, ScopeRule, Timestamp, validate_scope,
+};
+pub use memory::{MemoryStore, MemoryStoreBuilder};
