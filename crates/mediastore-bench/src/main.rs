@@ -1,1 +1,370 @@
-fn main() {}
+//! `mediastore-bench`: the workloads of DESIGN.md §6, one JSON object per
+//! line, each figure printed beside its floor or baseline from the same run.
+//!
+//! ```text
+//! mediastore-bench [all|turns|delete|memory|sweep] [--engine memory] [--quick]
+//! ```
+//!
+//! `all` runs every workload in a child process of its own, so that one
+//! workload's heap does not distort the next one's memory or timing.
+
+use std::fs;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use mediastore::{CleanupPolicy, ManualClock, MediaMeta, MediaRef, MediaStore, MemoryStore};
+use serde_json::json;
+
+const WORKLOADS: [&str; 4] = ["turns", "delete", "memory", "sweep"];
+/// The seed's fastest sweep of 500k expired out of 1M refs (DESIGN.md §6).
+const SEED_SWEEP_MS: f64 = 630.0;
+/// The seed's memory per live ref (DESIGN.md §6).
+const SEED_BYTES_PER_REF: f64 = 977.0;
+
+struct Args {
+    workload: String,
+    engine: String,
+    /// Divides every count by 100: a smoke run for CI, not a measurement.
+    quick: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        workload: "all".into(),
+        engine: "memory".into(),
+        quick: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--engine" => args.engine = it.next().ok_or("--engine needs a value")?,
+            "--quick" => args.quick = true,
+            "-h" | "--help" => {
+                return Err(
+                    "usage: mediastore-bench [all|turns|delete|memory|sweep] [--engine memory] [--quick]"
+                        .into(),
+                );
+            }
+            w if w == "all" || WORKLOADS.contains(&w) => args.workload = w.into(),
+            other => return Err(format!("unknown argument {other:?} (try --help)")),
+        }
+    }
+    if args.engine != "memory" {
+        return Err(format!(
+            "unknown engine {:?}; this build has: memory",
+            args.engine
+        ));
+    }
+    Ok(args)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.workload == "all" {
+        let exe = std::env::current_exe().expect("own path");
+        for w in WORKLOADS {
+            let mut cmd = Command::new(&exe);
+            cmd.arg(w).arg("--engine").arg(&args.engine);
+            if args.quick {
+                cmd.arg("--quick");
+            }
+            let status = cmd.status().expect("run child");
+            if !status.success() {
+                eprintln!("workload {w} failed: {status}");
+                return ExitCode::FAILURE;
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    let scale = if args.quick { 100 } else { 1 };
+    match args.workload.as_str() {
+        "turns" => turns(&args.engine, scale),
+        "delete" => delete(&args.engine, scale),
+        "memory" => memory(&args.engine, scale),
+        "sweep" => sweep(&args.engine, scale),
+        _ => unreachable!("validated"),
+    }
+    ExitCode::SUCCESS
+}
+
+/// Polls a future that never waits: every memory-engine call is ready on
+/// the first poll, so a runtime would only add its own overhead to the
+/// figures.
+fn ready<F: Future>(fut: F) -> F::Output {
+    let mut fut = pin!(fut);
+    match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => panic!("memory engine future was not ready"),
+    }
+}
+
+fn pool(dir: &Path, n: usize, bytes: usize) -> Vec<PathBuf> {
+    (0..n)
+        .map(|i| {
+            let p = dir.join(format!("pool-{i}.jpg"));
+            fs::write(&p, vec![b'x'; bytes]).expect("write pool file");
+            p
+        })
+        .collect()
+}
+
+fn emit(v: serde_json::Value) {
+    println!("{v}");
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    (a / b * 1000.0).round() / 1000.0
+}
+
+fn threads_per_core() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+/// Runs `per_thread(thread_index, turns)` on `threads` threads and returns
+/// total turns per second.
+fn run_threads(threads: usize, total: usize, per_thread: impl Fn(usize, usize) + Sync) -> f64 {
+    let per = total / threads;
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let f = &per_thread;
+            s.spawn(move || f(t, per));
+        }
+    });
+    (per * threads) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn turns(engine: &str, scale: usize) {
+    const TURNS: usize = 200_000;
+    let total = TURNS / scale;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = pool(dir.path(), 1024, 1);
+    let meta = MediaMeta::new("a.jpg", "image/jpeg", "telegram").with_policy(CleanupPolicy::ForgetOnly);
+    let mut one_thread = 0.0;
+    for threads in [1, threads_per_core()] {
+        let store = MemoryStore::builder().build().expect("store");
+        let pick = |t: usize, i: usize, k: usize| &files[(t * 512 + i * 4 + k) % files.len()];
+        // Warm up allocator and caches so the first configuration measured
+        // is not penalised.
+        run_threads(threads, total / 10, |t, n| turn_loop(&store, &meta, t + 100, n, &pick));
+        let floor = run_threads(threads, total, |t, n| {
+            for i in 0..n {
+                for k in 0..4 {
+                    std::hint::black_box(fs::metadata(pick(t, i, k)).expect("stat"));
+                }
+            }
+        });
+        let rate = run_threads(threads, total, |t, n| turn_loop(&store, &meta, t, n, &pick));
+        if threads == 1 {
+            one_thread = rate;
+        }
+        let mut line = json!({
+            "bench": "turns", "engine": engine, "threads": threads, "turns": total,
+            "turns_per_s": rate.round(), "floor_turns_per_s": floor.round(),
+            "ratio_to_floor": ratio(rate, floor),
+        });
+        if threads > 1 {
+            line["ratio_to_1_thread"] = json!(ratio(rate, one_thread));
+        }
+        emit(line);
+    }
+}
+
+fn turn_loop<'a>(
+    store: &MemoryStore,
+    meta: &MediaMeta,
+    t: usize,
+    n: usize,
+    pick: &impl Fn(usize, usize, usize) -> &'a PathBuf,
+) {
+    let mut scope = String::new();
+    for i in 0..n {
+        use std::fmt::Write;
+        scope.clear();
+        write!(scope, "chat:{t}:msg:{i}").expect("format");
+        let refs: [MediaRef; 4] = std::array::from_fn(|k| {
+            ready(store.store(pick(t, i, k), meta, &scope)).expect("store")
+        });
+        for j in 0..16 {
+            std::hint::black_box(ready(store.resolve_with_meta(refs[j % 4])).expect("resolve"));
+        }
+        ready(store.release_all(&scope)).expect("release");
+    }
+}
+
+fn delete(engine: &str, scale: usize) {
+    const TURNS: usize = 20_000;
+    let total = TURNS / scale;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = vec![b'x'; 4096];
+    let meta = MediaMeta::new("a.jpg", "image/jpeg", "telegram")
+        .with_policy(CleanupPolicy::DeleteOnCleanup);
+    let names: Vec<PathBuf> = (0..4).map(|k| dir.path().join(format!("d{k}.jpg"))).collect();
+    let store = MemoryStore::builder()
+        .owned_root(dir.path())
+        .build()
+        .expect("store");
+    let mut scope = String::new();
+    let mut run = |measure_store: bool| {
+        let start = Instant::now();
+        for i in 0..total {
+            for p in &names {
+                fs::write(p, &data).expect("write");
+            }
+            if measure_store {
+                use std::fmt::Write;
+                scope.clear();
+                write!(scope, "chat:0:msg:{i}").expect("format");
+                for p in &names {
+                    ready(store.store(p, &meta, &scope)).expect("store");
+                }
+                let report = ready(store.release_all(&scope)).expect("release");
+                assert_eq!(report.files_deleted, 4, "{report:?}");
+            } else {
+                for p in &names {
+                    std::hint::black_box(fs::metadata(p).expect("stat"));
+                    fs::remove_file(p).expect("unlink");
+                }
+            }
+        }
+        total as f64 / start.elapsed().as_secs_f64()
+    };
+    run(false);
+    let floor = run(false);
+    let rate = run(true);
+    emit(json!({
+        "bench": "delete", "engine": engine, "threads": 1, "turns": total,
+        "turns_per_s": rate.round(), "floor_turns_per_s": floor.round(),
+        "ratio_to_floor": ratio(rate, floor),
+    }));
+}
+
+fn rss_bytes() -> u64 {
+    let statm = fs::read_to_string("/proc/self/statm").expect("statm");
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("resident pages");
+    pages * 4096
+}
+
+/// 1M live refs over the 1024-file pool, 10 per scope. `clock_for` lets the
+/// sweep workload date each ref.
+fn fill(store: &MemoryStore, files: &[PathBuf], refs: usize, mut before: impl FnMut(usize)) -> Vec<MediaRef> {
+    let meta = MediaMeta::new("a.jpg", "image/jpeg", "telegram").with_policy(CleanupPolicy::ForgetOnly);
+    let mut out = Vec::with_capacity(refs);
+    let mut scope = String::new();
+    for i in 0..refs {
+        if i % 10 == 0 {
+            use std::fmt::Write;
+            scope.clear();
+            write!(scope, "chat:{}:msg:{}", i % 97, i / 10).expect("format");
+        }
+        before(i);
+        out.push(ready(store.store(&files[i % files.len()], &meta, &scope)).expect("store"));
+    }
+    out
+}
+
+fn memory(engine: &str, scale: usize) {
+    let refs = 1_000_000 / scale;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = pool(dir.path(), 1024, 1);
+    let store = MemoryStore::builder().build().expect("store");
+    let before = rss_bytes();
+    let ids = fill(&store, &files, refs, |_| {});
+    // The bench's own list of refs is not part of the store's footprint.
+    let ids_bytes = (ids.capacity() * std::mem::size_of::<MediaRef>()) as u64;
+    let after = rss_bytes();
+    let per_ref = (after.saturating_sub(before).saturating_sub(ids_bytes)) as f64 / refs as f64;
+    emit(json!({
+        "bench": "memory", "engine": engine, "refs": refs,
+        "bytes_per_ref": per_ref.round(), "seed_bytes_per_ref": SEED_BYTES_PER_REF,
+        "ratio_to_seed": ratio(per_ref, SEED_BYTES_PER_REF),
+    }));
+    std::hint::black_box(&store);
+}
+
+fn sweep(engine: &str, scale: usize) {
+    let refs = 1_000_000 / scale;
+    let max_age = Duration::from_secs(600);
+    let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = pool(dir.path(), 1024, 1);
+    let clock = ManualClock::new(t0);
+    let store = Arc::new(
+        MemoryStore::builder()
+            .max_age(max_age)
+            .clock(clock.clone())
+            .build()
+            .expect("store"),
+    );
+    // Within each scope of 10, the first 5 refs are old and the last 5 fresh.
+    let ids = fill(&store, &files, refs, |i| {
+        clock.set(if i % 10 < 5 { t0 } else { t0 + max_age });
+    });
+    clock.set(t0 + max_age + Duration::from_secs(1));
+    let live: Vec<MediaRef> = ids
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 10 >= 5)
+        .map(|(_, r)| *r)
+        .collect();
+    let sweeping = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (store, sweeping, done) = (store.clone(), sweeping.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut lat = Vec::with_capacity(1 << 20);
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+            while !done.load(Ordering::Acquire) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let r = live[(x % live.len() as u64) as usize];
+                let start = Instant::now();
+                std::hint::black_box(ready(store.resolve_with_meta(r)).expect("live ref"));
+                let took = start.elapsed();
+                if sweeping.load(Ordering::Acquire) {
+                    lat.push(took.as_nanos() as u64);
+                }
+            }
+            lat
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    sweeping.store(true, Ordering::Release);
+    let start = Instant::now();
+    let report = ready(store.clean_expired()).expect("sweep");
+    let sweep_ms = start.elapsed().as_secs_f64() * 1000.0;
+    sweeping.store(false, Ordering::Release);
+    done.store(true, Ordering::Release);
+    let mut lat = reader.join().expect("reader");
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |&ns| ns as f64 / 1000.0)
+    };
+    emit(json!({
+        "bench": "sweep", "engine": engine, "refs": refs, "expired": report.refs_expired,
+        "sweep_ms": (sweep_ms * 10.0).round() / 10.0,
+        "seed_sweep_ms": SEED_SWEEP_MS, "speedup_vs_seed": ratio(SEED_SWEEP_MS, sweep_ms),
+        "reader_samples": lat.len(),
+        "reader_p50_us": (pct(0.50) * 100.0).round() / 100.0,
+        "reader_p99_us": (pct(0.99) * 100.0).round() / 100.0,
+        "reader_max_us": (pct(1.0) * 100.0).round() / 100.0,
+    }));
+}
