@@ -45,7 +45,7 @@ use crate::types::{
     validate_scope,
 };
 
-const REF_SHARD_BITS: u32 = 6;
+const REF_SHARD_BITS: u32 = 7;
 const REF_SHARDS: usize = 1 << REF_SHARD_BITS;
 const SCOPE_PARTS: usize = 64;
 const FILE_SHARDS: usize = 64;
@@ -92,8 +92,8 @@ pub struct Registration<'a> {
     pub scope: &'a str,
 }
 
-/// What a resolve returns.
-#[derive(Clone, Debug)]
+/// What a resolve returns: the immutable record of one ref.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolved {
     /// The ref.
     pub id: MediaRef,
@@ -185,12 +185,11 @@ pub struct CoreStats {
 #[repr(align(128))]
 struct Padded<T>(T);
 
+/// A live ref: its immutable description, shared with resolvers, and the
+/// scopes holding it. Resolvers clone the one `Arc`, whose counter no other
+/// ref shares, so threads resolving different refs never contend on it.
 struct RefRec {
-    id: MediaRef,
-    file: FileKey,
-    path: Arc<Path>,
-    meta: Arc<MediaMeta>,
-    stored_at: Timestamp,
+    entry: Arc<Resolved>,
     holders: SmallVec<[ScopeName; 1]>,
 }
 
@@ -204,7 +203,9 @@ struct RefShard {
     hasher: DefaultHashBuilder,
 }
 
+/// Packed to 12 bytes: a million holds is the bulk of a scope's memory.
 #[derive(Clone, Copy)]
+#[repr(C, packed(4))]
 struct Hold {
     handle: u32,
     made_at: u64,
@@ -332,7 +333,7 @@ impl ScopePart {
 impl RefShard {
     fn find(&self, id: MediaRef) -> Option<usize> {
         self.index
-            .find(ref_hash(id), |&slot| self.slab[slot as usize].id == id)
+            .find(ref_hash(id), |&slot| self.slab[slot as usize].entry.id == id)
             .map(|&slot| slot as usize)
     }
 
@@ -378,8 +379,8 @@ impl RefShard {
         if !rec.holders.is_empty() {
             return None;
         }
-        let id = rec.id;
-        let file = rec.file;
+        let id = rec.entry.id;
+        let file = rec.entry.file;
         let found = self
             .index
             .find_entry(ref_hash(id), |&s| s as usize == slot)
@@ -499,16 +500,18 @@ impl Core {
             } else {
                 let meta = shard.intern_meta(reg.meta, reg.policy);
                 let slot = shard.slab.insert(RefRec {
-                    id: reg.id,
-                    file: reg.file,
-                    path,
-                    meta,
-                    stored_at: now,
+                    entry: Arc::new(Resolved {
+                        id: reg.id,
+                        path,
+                        meta,
+                        stored_at: now,
+                        file: reg.file,
+                    }),
                     holders: SmallVec::from_buf([name]),
                 });
                 let hash = ref_hash(reg.id);
                 let RefShard { slab, index, .. } = &mut *shard;
-                index.insert_unique(hash, slot as u32, |&s| ref_hash(slab[s as usize].id));
+                index.insert_unique(hash, slot as u32, |&s| ref_hash(slab[s as usize].entry.id));
                 Ok(((slot as u32) << REF_SHARD_BITS) | shard_no as u32)
             }
         };
@@ -594,17 +597,10 @@ impl Core {
     }
 
     /// Looks a ref up.
-    pub fn resolve(&self, id: MediaRef) -> Result<Resolved> {
+    pub fn resolve(&self, id: MediaRef) -> Result<Arc<Resolved>> {
         let shard = self.refs[ref_shard(id)].0.read();
         let slot = shard.find(id).ok_or(Error::UnknownRef(id))?;
-        let rec = &shard.slab[slot];
-        Ok(Resolved {
-            id,
-            path: rec.path.clone(),
-            meta: rec.meta.clone(),
-            stored_at: rec.stored_at,
-            file: rec.file,
-        })
+        Ok(shard.slab[slot].entry.clone())
     }
 
     /// Adds `scope` as a holder of the ref, or renews its hold if it already
@@ -686,16 +682,12 @@ impl Core {
         let Some(rec) = self.part(scope).lock().remove_scope(scope) else {
             return Ok(Dropped::default());
         };
-        let mut items: Vec<(u32, ScopeName)> = rec
-            .holds
-            .iter()
-            .map(|h| (h.handle, rec.name.clone()))
-            .collect();
+        let mut items: Vec<(u32, u32)> = rec.holds.iter().map(|h| (h.handle, 0)).collect();
         let mut out = Dropped {
             scopes_removed: 1,
             ..Dropped::default()
         };
-        self.drop_holds(&mut items, &mut out);
+        self.drop_holds(&mut items, &[rec.name], &mut out);
         Ok(out)
     }
 
@@ -704,7 +696,8 @@ impl Core {
     /// each call holds a lock only for a bounded amount of work.
     pub fn expire(&self, now: Timestamp, budget: usize) -> Dropped {
         let mut out = Dropped::default();
-        let mut items: Vec<(u32, ScopeName)> = Vec::new();
+        let mut items: Vec<(u32, u32)> = Vec::new();
+        let mut names: Vec<ScopeName> = Vec::new();
         for part in self.scopes.iter() {
             let mut part = part.0.lock();
             while items.len() < budget {
@@ -715,9 +708,11 @@ impl Core {
                     break;
                 }
                 let rec = part.map.get_mut(&*name).expect("indexed scope exists");
+                let name_index = names.len() as u32;
+                names.push(rec.name.clone());
                 while items.len() < budget && rec.deadline().is_some_and(|d| d < now.0) {
                     let hold = rec.holds.pop_front().expect("deadline implies a hold");
-                    items.push((hold.handle, rec.name.clone()));
+                    items.push((hold.handle, name_index));
                 }
                 if rec.holds.is_empty() {
                     part.remove_scope(&name);
@@ -731,7 +726,7 @@ impl Core {
                 break;
             }
         }
-        self.drop_holds(&mut items, &mut out);
+        self.drop_holds(&mut items, &names, &mut out);
         out
     }
 
@@ -745,16 +740,18 @@ impl Core {
     }
 
     /// Removes popped holds from their refs, then uncounts dead refs' files.
-    fn drop_holds(&self, items: &mut [(u32, ScopeName)], out: &mut Dropped) {
+    /// `items` are (ref handle, index into `names` of the scope that held it).
+    fn drop_holds(&self, items: &mut [(u32, u32)], names: &[ScopeName], out: &mut Dropped) {
         items.sort_unstable_by_key(|(h, _)| handle_parts(*h).0);
         let mut dead: Vec<FileKey> = Vec::new();
         for chunk in items.chunk_by(|a, b| handle_parts(a.0).0 == handle_parts(b.0).0) {
             let shard_no = handle_parts(chunk[0].0).0;
             for run in chunk.chunks(RUN) {
                 let mut shard = self.refs[shard_no].0.write();
-                for (handle, scope) in run {
+                for &(handle, scope) in run {
                     out.holds += 1;
-                    if let Some(file) = shard.drop_holder(handle_parts(*handle).1, scope) {
+                    let scope = &names[scope as usize];
+                    if let Some(file) = shard.drop_holder(handle_parts(handle).1, scope) {
                         dead.push(file);
                     }
                 }
@@ -854,7 +851,7 @@ impl Core {
             .iter()
             .map(|h| {
                 let (shard, slot) = handle_parts(h.handle);
-                self.refs[shard].0.read().slab[slot].id
+                self.refs[shard].0.read().slab[slot].entry.id
             })
             .collect())
     }
@@ -946,8 +943,8 @@ impl Core {
                 return Err("ref index and slab disagree".into());
             }
             for (slot, rec) in shard.slab.iter() {
-                if shard.find(rec.id) != Some(slot) {
-                    return Err(format!("{} not findable", rec.id));
+                if shard.find(rec.entry.id) != Some(slot) {
+                    return Err(format!("{} not findable", rec.entry.id));
                 }
                 let mut want: Vec<*const u8> = holds_per_ref
                     .remove(&(shard_no, slot))
@@ -963,9 +960,9 @@ impl Core {
                 want.sort();
                 have.sort();
                 if want != have || have.is_empty() {
-                    return Err(format!("{} holders disagree with scope holds", rec.id));
+                    return Err(format!("{} holders disagree with scope holds", rec.entry.id));
                 }
-                *refs_per_file.entry(rec.file).or_default() += 1;
+                *refs_per_file.entry(rec.entry.file).or_default() += 1;
             }
         }
         for f in &files {

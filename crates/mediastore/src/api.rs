@@ -89,14 +89,14 @@ pub trait MediaStore: Send + Sync + 'static {
     fn resolve_with_meta(
         &self,
         media_ref: MediaRef,
-    ) -> impl Future<Output = Result<Resolved>> + Send;
+    ) -> impl Future<Output = Result<Arc<Resolved>>> + Send;
 
     /// Opens the ref's file for reading, checking it is still the file that
     /// was registered (`Error::FileVanished` otherwise).
     fn open(
         &self,
         media_ref: MediaRef,
-    ) -> impl Future<Output = Result<(std::fs::File, Resolved)>> + Send;
+    ) -> impl Future<Output = Result<(std::fs::File, Arc<Resolved>)>> + Send;
 
     /// Adds `scope` as a holder of the ref (renewing its hold if it is one).
     fn retain(&self, media_ref: MediaRef, scope: &str) -> impl Future<Output = Result<()>> + Send;

@@ -219,7 +219,7 @@ impl MemoryStore {
         report
     }
 
-    fn open_sync(&self, media_ref: MediaRef) -> Result<(File, Resolved)> {
+    fn open_sync(&self, media_ref: MediaRef) -> Result<(File, Arc<Resolved>)> {
         let resolved = self.core.resolve(media_ref)?;
         let vanished = || Error::FileVanished {
             media_ref,
@@ -246,14 +246,14 @@ impl MediaStore for MemoryStore {
     }
 
     async fn resolve(&self, media_ref: MediaRef) -> Result<Arc<Path>> {
-        Ok(self.core.resolve(media_ref)?.path)
+        Ok(self.core.resolve(media_ref)?.path.clone())
     }
 
-    async fn resolve_with_meta(&self, media_ref: MediaRef) -> Result<Resolved> {
+    async fn resolve_with_meta(&self, media_ref: MediaRef) -> Result<Arc<Resolved>> {
         self.core.resolve(media_ref)
     }
 
-    async fn open(&self, media_ref: MediaRef) -> Result<(File, Resolved)> {
+    async fn open(&self, media_ref: MediaRef) -> Result<(File, Arc<Resolved>)> {
         self.open_sync(media_ref)
     }
 
