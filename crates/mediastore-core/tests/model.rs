@@ -30,12 +30,37 @@ const AGES: [u64; 3] = [10, 25, 100];
 const PREFIXES: [&str; 4] = ["s", "s1", "s2", "x"];
 const T0: u64 = 1_000_000;
 
-fn key(ino: u64) -> FileKey {
-    FileKey { dev: 1, ino }
+/// File number `i` of the test. The last one reuses the inode number of the
+/// one before it with another birth time: the same inode re-created behind
+/// the store's back, a different file.
+fn key(i: u64) -> FileKey {
+    if i == FILES - 1 {
+        FileKey {
+            dev: 1,
+            ino: FILES - 2,
+            born: 7,
+        }
+    } else {
+        FileKey {
+            dev: 1,
+            ino: i,
+            born: 0,
+        }
+    }
 }
 
-/// Several spellings of one file: counts are per key, not per path.
-fn spelling(ino: u64, which: u8) -> PathBuf {
+fn key_index(k: FileKey) -> usize {
+    if k.born == 7 {
+        FILES as usize - 1
+    } else {
+        k.ino as usize
+    }
+}
+
+/// Several spellings of file `i`: counts are per key, not per path. The two
+/// files sharing an inode number share their spellings too.
+fn spelling(i: u64, which: u8) -> PathBuf {
+    let ino = key(i).ino;
     PathBuf::from(match which % 4 {
         0 => format!("/f/{ino}"),
         1 => format!("/g/../f/{ino}"),
@@ -118,8 +143,11 @@ struct Model {
     /// Spellings registered since the file's record was created (a failed
     /// deletion keeps the record, so they carry over into a revived life).
     spellings: BTreeMap<FileKey, BTreeSet<PathBuf>>,
-    /// Every ref ever registered, live or not, in registration order.
+    /// Every ref ever offered to `register` (registered or refused), in order.
     all_refs: Vec<MediaRef>,
+    /// Files whose deletion was reported done, in order: the core's
+    /// deletion ticket is the length of this log.
+    deleted_log: Vec<FileKey>,
     next_id: u64,
 }
 
@@ -136,6 +164,7 @@ impl Model {
             sizes: BTreeMap::new(),
             spellings: BTreeMap::new(),
             all_refs: Vec::new(),
+            deleted_log: Vec::new(),
             next_id: 0,
         }
     }
@@ -272,7 +301,6 @@ impl Model {
                 stored_at: self.now,
             },
         );
-        self.all_refs.push(id);
         self.scopes
             .entry(scope.to_owned())
             .or_default()
@@ -386,6 +414,7 @@ impl Model {
             DeleteOutcome::Deleted => {
                 self.files.remove(&file);
                 self.spellings.remove(&file);
+                self.deleted_log.push(file);
             }
             DeleteOutcome::Failed => {
                 self.files.insert(file, MFile::Failed);
@@ -410,22 +439,36 @@ fn now(m: &Model) -> Timestamp {
     Timestamp(m.now)
 }
 
+struct Attempt<'a> {
+    id: MediaRef,
+    file: u64,
+    path: &'a Path,
+    forget: bool,
+    scope: &'a str,
+    size: u64,
+}
+
 fn do_register(
     core: &Core,
     m: &Model,
-    id: MediaRef,
-    ino: u64,
-    path: &Path,
-    forget: bool,
-    scope: &str,
-    size: u64,
+    ticket: u64,
+    a: &Attempt<'_>,
 ) -> mediastore_core::Result<()> {
-    let meta = MediaMeta::new(format!("{ino}.bin"), "application/octet-stream", "test");
+    let Attempt {
+        id,
+        file,
+        path,
+        forget,
+        scope,
+        size,
+    } = *a;
+    let meta = MediaMeta::new(format!("{file}.bin"), "application/octet-stream", "test");
     core.register(
         now(m),
         Registration {
             id,
-            file: key(ino),
+            ticket,
+            file: key(file),
             path,
             size,
             meta: &meta,
@@ -451,7 +494,12 @@ fn check_deletions(m: &Model, got: &[Deletion], want: &BTreeSet<FileKey>) -> Tes
         );
         let paths: BTreeSet<PathBuf> = d.paths.iter().map(|p| p.to_path_buf()).collect();
         prop_assert_eq!(paths.len(), d.paths.len(), "duplicate paths in {:?}", d);
-        prop_assert_eq!(Some(&paths), m.spellings.get(&d.file), "paths of {:?}", d.file);
+        prop_assert_eq!(
+            Some(&paths),
+            m.spellings.get(&d.file),
+            "paths of {:?}",
+            d.file
+        );
         prop_assert_eq!(Some(&d.size), m.sizes.get(&d.file), "size of {:?}", d.file);
     }
     Ok(())
@@ -509,6 +557,11 @@ fn check_all(core: &Core, m: &Model) -> TestResult {
         prop_assert_eq!(core.refs_in(scope).unwrap(), want, "refs_in({})", scope);
     }
     prop_assert_eq!(core.stats(), m.stats(), "stats");
+    prop_assert_eq!(
+        core.deletion_ticket(),
+        m.deleted_log.len() as u64,
+        "deletion ticket"
+    );
     for ino in 0..FILES {
         prop_assert_eq!(
             core.file_status(key(ino)),
@@ -532,11 +585,19 @@ fn check_all(core: &Core, m: &Model) -> TestResult {
 #[derive(Clone, Debug)]
 enum Op {
     Register {
-        ino: u64,
+        file: u64,
         spelling: u8,
         forget: bool,
         scope: usize,
         size: u64,
+    },
+    /// Registers with a deletion ticket read `back` deletions ago (clamped).
+    RegisterStale {
+        back: usize,
+        file: u64,
+        spelling: u8,
+        forget: bool,
+        scope: usize,
     },
     /// Registers a file that is being deleted, if there is one.
     RegisterPending {
@@ -591,8 +652,8 @@ fn op() -> impl Strategy<Value = Op> {
     let scope = 0..SCOPES.len();
     prop_oneof![
         8 => (0..FILES, any::<u8>(), prop::bool::weighted(0.2), scope.clone(), 0..1000u64)
-            .prop_map(|(ino, spelling, forget, scope, size)| Op::Register {
-                ino,
+            .prop_map(|(file, spelling, forget, scope, size)| Op::Register {
+                file,
                 spelling,
                 forget,
                 scope,
@@ -601,6 +662,15 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..64usize, any::<u8>(), any::<bool>(), scope.clone()).prop_map(
             |(pick, spelling, forget, scope)| Op::RegisterPending {
                 pick,
+                spelling,
+                forget,
+                scope
+            }
+        ),
+        1 => (1..4usize, 0..FILES, any::<u8>(), any::<bool>(), scope.clone()).prop_map(
+            |(back, file, spelling, forget, scope)| Op::RegisterStale {
+                back,
+                file,
                 spelling,
                 forget,
                 scope
@@ -649,56 +719,32 @@ fn setup() -> impl Strategy<Value = Setup> {
 fn apply(core: &Core, m: &mut Model, op: &Op) -> TestResult {
     match op {
         Op::Register {
-            ino,
-            spelling: sp,
+            file,
+            spelling,
             forget,
             scope,
             size,
-        } => {
-            let id = m.fresh_id();
-            let path = spelling(*ino, *sp);
-            let scope = SCOPES[*scope];
-            let got = do_register(core, m, id, *ino, &path, *forget, scope, *size);
-            match m.register(id, key(*ino), &path, policy(*forget), scope, *size) {
-                Ok(()) => {
-                    if let Err(e) = got {
-                        return Err(TestCaseError::fail(format!("register: {e}")));
-                    }
-                }
-                Err(()) => check_refused(got)?,
-            }
-        }
+        } => register_op(core, m, *file, *spelling, *forget, *scope, *size, 0)?,
         Op::RegisterPending {
             pick,
-            spelling: sp,
+            spelling,
             forget,
             scope,
         } => {
             let pending = m.pending(MFile::Deleting);
-            if pending.is_empty() {
-                return Ok(());
+            if !pending.is_empty() {
+                let file = key_index(pending[pick % pending.len()]) as u64;
+                prop_assert_eq!(m.files.get(&key(file)), Some(&MFile::Deleting));
+                register_op(core, m, file, *spelling, *forget, *scope, 7, 0)?;
             }
-            let file = pending[pick % pending.len()];
-            let before = core.stats();
-            let id = m.fresh_id();
-            let scope = SCOPES[*scope];
-            let got = do_register(
-                core,
-                m,
-                id,
-                file.ino,
-                &spelling(file.ino, *sp),
-                *forget,
-                scope,
-                7,
-            );
-            check_refused(got)?;
-            prop_assert_eq!(core.stats(), before, "a refused registration changed stats");
-            prop_assert!(
-                m.scopes.contains_key(scope) || core.refs_in(scope).unwrap().is_empty(),
-                "a refused registration created its scope"
-            );
         }
+        Op::RegisterStale {
+            back,
+            file,
+            spelling,
+            forget,
+            scope,
+        } => register_op(core, m, *file, *spelling, *forget, *scope, 3, *back)?,
         Op::Retain { pick, scope } => {
             let n = m.all_refs.len();
             // 0: a ref never made; i: the i-th most recent ref made.
@@ -790,6 +836,64 @@ fn apply(core: &Core, m: &mut Model, op: &Op) -> TestResult {
     Ok(())
 }
 
+/// One registration, with a deletion ticket read `back` finished deletions
+/// ago (0: current).
+#[allow(clippy::too_many_arguments)]
+fn register_op(
+    core: &Core,
+    m: &mut Model,
+    file: u64,
+    sp: u8,
+    forget: bool,
+    scope: usize,
+    size: u64,
+    back: usize,
+) -> TestResult {
+    let id = m.fresh_id();
+    m.all_refs.push(id);
+    let path = spelling(file, sp);
+    let scope = SCOPES[scope];
+    let len = m.deleted_log.len();
+    let ticket = len - back % (len + 1);
+    let deleted_since = &m.deleted_log[ticket..];
+    // The engine stat'ed a file that has been deleted since: the core must
+    // notice. A deletion of another file in the same shard may also cause a
+    // (harmless, retried) conflict; which files share a shard is not known.
+    let must_conflict = deleted_since.contains(&key(file));
+    let may_conflict = !deleted_since.is_empty();
+    let before = core.stats();
+    let attempt = Attempt {
+        id,
+        file,
+        path: &path,
+        forget,
+        scope,
+        size,
+    };
+    let got = do_register(core, m, ticket as u64, &attempt);
+    let conflict = matches!(got, Err(Error::Conflict(_)));
+    if must_conflict {
+        prop_assert!(conflict, "stale ticket accepted: {:?}", got);
+    }
+    if conflict {
+        prop_assert!(may_conflict, "conflict without a deletion since the ticket");
+        prop_assert_eq!(core.stats(), before, "a refused registration changed stats");
+        return Ok(());
+    }
+    match m.register(id, key(file), &path, policy(forget), scope, size) {
+        Ok(()) => {
+            if let Err(e) = got {
+                return Err(TestCaseError::fail(format!("register: {e:?}")));
+            }
+        }
+        Err(()) => {
+            check_refused(got)?;
+            prop_assert_eq!(core.stats(), before, "a refused registration changed stats");
+        }
+    }
+    Ok(())
+}
+
 fn check_refused(got: mediastore_core::Result<()>) -> TestResult {
     match got {
         Err(e) if e.is_not_found() => Ok(()),
@@ -864,13 +968,13 @@ fn run(setup: &Setup, ops: &[Op]) -> TestResult {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 400,
+        cases: 1000,
         max_shrink_iters: 20_000,
         ..ProptestConfig::default()
     })]
 
     #[test]
-    fn core_matches_model(setup in setup(), ops in prop::collection::vec(op(), 1..120)) {
+    fn core_matches_model(setup in setup(), ops in prop::collection::vec(op(), 1..150)) {
         run(&setup, &ops)?;
     }
 }
@@ -881,7 +985,7 @@ proptest! {
 
 fn reg(ino: u64, forget: bool, scope: usize) -> Op {
     Op::Register {
-        ino,
+        file: ino,
         spelling: 0,
         forget,
         scope,
@@ -942,16 +1046,10 @@ fn touch_and_retain_renew_holds() {
         reg(3, false, 0),
         Op::Advance(20),
         Op::Touch(0),
-        Op::Retain {
-            pick: 2,
-            scope: 1,
-        },
+        Op::Retain { pick: 2, scope: 1 },
         Op::Advance(20),
         Op::Expire { budget: 1 },
-        Op::Retain {
-            pick: 1,
-            scope: 0,
-        },
+        Op::Retain { pick: 1, scope: 0 },
         Op::Advance(10),
         Op::Expire { budget: 1 },
         Op::Advance(1),
@@ -960,13 +1058,86 @@ fn touch_and_retain_renew_holds() {
     run(&plain(Some(25)), &ops).unwrap();
 }
 
+fn register_plain(
+    core: &Core,
+    id: MediaRef,
+    file: u64,
+    forget: bool,
+    scope: &str,
+) -> Result<(), Error> {
+    let meta = MediaMeta::new("a.jpg", "image/jpeg", "test");
+    core.register(
+        Timestamp(T0),
+        Registration {
+            id,
+            ticket: core.deletion_ticket(),
+            file: key(file),
+            path: &spelling(file, 0),
+            size: 1,
+            meta: &meta,
+            policy: policy(forget),
+            scope,
+        },
+    )
+}
+
+// Known core bug, kept out of the random model (which never reuses an id):
+// when `Core::register` fails *after* `count_file` (duplicate ref id, or
+// `Error::Full`), `uncount_file` only decrements the count. It does not undo
+// the `pinned |= forget_only` of the refused registration, nor the revival of
+// a file whose deletion had failed (state `Failed` -> `Live`, dropped from the
+// retry list; the record is then removed outright at count 0), and it never
+// hands out a deletion when its decrement is the one that reaches zero (a
+// concurrent release of the file's last real ref in between). Each leaves a
+// `delete_on_cleanup` file that is never deleted. Un-ignore once fixed.
+
+#[test]
+#[ignore = "core bug: a refused registration pins the file (see comment above)"]
+fn refused_registration_does_not_pin_the_file() {
+    let core = Core::new(CoreConfig::default());
+    let a = ref_from(1);
+    register_plain(&core, a, 0, false, "s0").unwrap();
+    let dup = register_plain(&core, a, 0, true, "s1");
+    assert!(matches!(dup, Err(Error::InvalidRef { .. })), "{dup:?}");
+    assert_eq!(core.stats().scopes, 1);
+    assert_eq!(
+        core.file_status(key(0)),
+        Some(FileStatus {
+            refs: 1,
+            pinned: false, // core: true
+            state: FileState::Live,
+        })
+    );
+    // The only ref ever registered was delete_on_cleanup: the file must go.
+    let dropped = core.release_all("s0").unwrap();
+    assert_eq!(dropped.deletions.len(), 1, "file leaked");
+}
+
+#[test]
+#[ignore = "core bug: a refused registration forgets a failed deletion (see comment above)"]
+fn refused_registration_keeps_a_failed_deletion() {
+    let core = Core::new(CoreConfig::default());
+    register_plain(&core, ref_from(1), 0, false, "s0").unwrap();
+    let dropped = core.release_all("s0").unwrap();
+    core.finish_deletion(dropped.deletions[0].file, DeleteOutcome::Failed);
+    let live = ref_from(2);
+    register_plain(&core, live, 1, false, "s1").unwrap();
+    // Same id again, for the file whose deletion failed: refused...
+    let dup = register_plain(&core, live, 0, false, "s2");
+    assert!(matches!(dup, Err(Error::InvalidRef { .. })), "{dup:?}");
+    // ...so the failed deletion must still be there to retry.
+    assert_eq!(core.stats().pending_deletions, 1); // core: 0
+    assert_eq!(core.retry_deletions().len(), 1, "failed deletion forgotten");
+}
+
 // ---------------------------------------------------------------------------
 // Multithreaded stress: no file is handed out while a ref to it can exist
 // ---------------------------------------------------------------------------
 
 const STRESS_THREADS: usize = 4;
-const STRESS_OPS: usize = 3_000;
-const STRESS_KEYS: usize = 6;
+const STRESS_OPS: usize = 4_000;
+const STRESS_ROUNDS: u64 = 16;
+const STRESS_KEYS: usize = 10;
 const STRESS_SCOPES: [&str; 6] = ["t:0", "t:1", "t:2", "t:3", "session:a", "session:b"];
 
 struct Shared {
@@ -994,7 +1165,7 @@ impl Shared {
     /// Plays the engine: checks the file really has no refs, "deletes" it,
     /// reports back.
     fn handle(&self, d: Deletion, fail: bool) {
-        let k = d.file.ino as usize;
+        let k = key_index(d.file);
         self.deletions.fetch_add(1, Ordering::Relaxed);
         if self.handed[k].swap(true, Ordering::SeqCst) {
             self.violation(format!("{:?} handed out while already pending", d.file));
@@ -1032,8 +1203,8 @@ impl Shared {
     }
 }
 
-fn stress_thread(sh: &Shared, t: usize) {
-    let mut rng = splitmix(t as u64 + 1);
+fn stress_thread(sh: &Shared, round: u64, t: usize) {
+    let mut rng = splitmix((round << 8) + t as u64 + 1);
     let mut next = move || {
         rng = splitmix(rng);
         rng
@@ -1046,7 +1217,7 @@ fn stress_thread(sh: &Shared, t: usize) {
         let k = (r >> 16) as usize % STRESS_KEYS;
         let fail = (r >> 24) % 8 == 0;
         match r % 100 {
-            0..=34 => {
+            0..=29 => {
                 let id = ref_from(((t as u64) << 40) | i as u64);
                 let path = spelling(k as u64, (r >> 32) as u8);
                 let before = sh.phase[k].load(Ordering::SeqCst);
@@ -1054,11 +1225,12 @@ fn stress_thread(sh: &Shared, t: usize) {
                     now,
                     Registration {
                         id,
+                        ticket: sh.core.deletion_ticket(),
                         file: key(k as u64),
                         path: &path,
                         size: 1,
                         meta: &meta,
-                        policy: policy((r >> 40) % 10 == 0),
+                        policy: policy((r >> 40) % 20 == 0),
                         scope,
                     },
                 );
@@ -1079,13 +1251,13 @@ fn stress_thread(sh: &Shared, t: usize) {
                             recent.push(id);
                         }
                     }
-                    Err(e) if e.is_not_found() => {
+                    Err(e) if e.is_not_found() || matches!(e, Error::Conflict(_)) => {
                         sh.refused.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => sh.violation(format!("register failed: {e}")),
                 }
             }
-            35..=52 => {
+            30..=44 => {
                 let id = {
                     let recent = sh.recent.lock().unwrap();
                     if recent.is_empty() {
@@ -1098,15 +1270,15 @@ fn stress_thread(sh: &Shared, t: usize) {
                     Err(e) => sh.violation(format!("retain failed: {e}")),
                 }
             }
-            53..=64 => {
+            45..=64 => {
                 for d in sh.core.release_all(scope).unwrap().deletions {
                     sh.handle(d, fail);
                 }
             }
-            65..=72 => {
+            65..=69 => {
                 sh.core.touch(now, scope).unwrap();
             }
-            73..=90 => loop {
+            70..=87 => loop {
                 let d = sh.core.expire(now, 1 + (r >> 48) as usize % 16);
                 for del in d.deletions {
                     sh.handle(del, fail);
@@ -1115,7 +1287,7 @@ fn stress_thread(sh: &Shared, t: usize) {
                     break;
                 }
             },
-            91..=94 => {
+            88..=91 => {
                 let expiry = match (r >> 48) % 3 {
                     0 => Expiry::Default,
                     1 => Expiry::Never,
@@ -1123,7 +1295,7 @@ fn stress_thread(sh: &Shared, t: usize) {
                 };
                 sh.core.set_scope_expiry(scope, expiry).unwrap();
             }
-            95..=97 => {
+            92..=94 => {
                 for d in sh.core.retry_deletions() {
                     sh.handle(d, false);
                 }
@@ -1136,8 +1308,9 @@ fn stress_thread(sh: &Shared, t: usize) {
     }
 }
 
-#[test]
-fn concurrent_stress_never_deletes_a_referenced_file() {
+/// One round on a fresh core; returns (deletions handed out, registrations
+/// refused).
+fn stress_round(round: u64) -> (u64, u64) {
     let sh = Arc::new(Shared {
         core: Core::new(CoreConfig {
             default_max_age: Some(Duration::from_nanos(120)),
@@ -1158,14 +1331,18 @@ fn concurrent_stress_never_deletes_a_referenced_file() {
     let threads: Vec<_> = (0..STRESS_THREADS)
         .map(|t| {
             let sh = sh.clone();
-            std::thread::spawn(move || stress_thread(&sh, t))
+            std::thread::spawn(move || stress_thread(&sh, round, t))
         })
         .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
+    let joined: Vec<_> = threads.into_iter().map(|t| t.join()).collect();
+    // Report what the checks saw before any panic of a worker.
     let violations = sh.violations.lock().unwrap().clone();
     assert!(violations.is_empty(), "{violations:#?}");
+    for result in joined {
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    }
     sh.core.check_invariants().unwrap();
 
     for scope in STRESS_SCOPES {
@@ -1193,6 +1370,21 @@ fn concurrent_stress_never_deletes_a_referenced_file() {
     }
     let violations = sh.violations.lock().unwrap().clone();
     assert!(violations.is_empty(), "{violations:#?}");
+    (
+        sh.deletions.load(Ordering::Relaxed),
+        sh.refused.load(Ordering::Relaxed),
+    )
+}
+
+#[test]
+fn concurrent_stress_never_deletes_a_referenced_file() {
+    let (mut deletions, mut refused) = (0, 0);
+    for round in 0..STRESS_ROUNDS {
+        let (d, r) = stress_round(round);
+        deletions += d;
+        refused += r;
+    }
+    eprintln!("stress: {deletions} deletions handed out, {refused} registrations refused");
     // The test is only meaningful if the race was actually exercised.
-    assert!(sh.deletions.load(Ordering::Relaxed) > 50, "too few deletions");
+    assert!(deletions > 50 * STRESS_ROUNDS, "too few deletions");
 }
