@@ -151,14 +151,17 @@ fn turns(engine: &str, scale: usize) {
     let total = TURNS / scale;
     let dir = tempfile::tempdir().expect("tempdir");
     let files = pool(dir.path(), 1024, 1);
-    let meta = MediaMeta::new("a.jpg", "image/jpeg", "telegram").with_policy(CleanupPolicy::ForgetOnly);
+    let meta =
+        MediaMeta::new("a.jpg", "image/jpeg", "telegram").with_policy(CleanupPolicy::ForgetOnly);
     let mut one_thread = 0.0;
     for threads in [1, threads_per_core()] {
         let store = MemoryStore::builder().build().expect("store");
         let pick = |t: usize, i: usize, k: usize| &files[(t * 512 + i * 4 + k) % files.len()];
         // Warm up allocator and caches so the first configuration measured
         // is not penalised.
-        run_threads(threads, total / 10, |t, n| turn_loop(&store, &meta, t + 100, n, &pick));
+        run_threads(threads, total / 10, |t, n| {
+            turn_loop(&store, &meta, t + 100, n, &pick)
+        });
         let floor = run_threads(threads, total, |t, n| {
             for i in 0..n {
                 for k in 0..4 {
@@ -211,7 +214,9 @@ fn delete(engine: &str, scale: usize) {
     let data = vec![b'x'; 4096];
     let meta = MediaMeta::new("a.jpg", "image/jpeg", "telegram")
         .with_policy(CleanupPolicy::DeleteOnCleanup);
-    let names: Vec<PathBuf> = (0..4).map(|k| dir.path().join(format!("d{k}.jpg"))).collect();
+    let names: Vec<PathBuf> = (0..4)
+        .map(|k| dir.path().join(format!("d{k}.jpg")))
+        .collect();
     let store = MemoryStore::builder()
         .owned_root(dir.path())
         .build()
@@ -263,8 +268,14 @@ fn rss_bytes() -> u64 {
 
 /// 1M live refs over the 1024-file pool, 10 per scope. `clock_for` lets the
 /// sweep workload date each ref.
-fn fill(store: &MemoryStore, files: &[PathBuf], refs: usize, mut before: impl FnMut(usize)) -> Vec<MediaRef> {
-    let meta = MediaMeta::new("a.jpg", "image/jpeg", "telegram").with_policy(CleanupPolicy::ForgetOnly);
+fn fill(
+    store: &MemoryStore,
+    files: &[PathBuf],
+    refs: usize,
+    mut before: impl FnMut(usize),
+) -> Vec<MediaRef> {
+    let meta =
+        MediaMeta::new("a.jpg", "image/jpeg", "telegram").with_policy(CleanupPolicy::ForgetOnly);
     let mut out = Vec::with_capacity(refs);
     let mut scope = String::new();
     for i in 0..refs {

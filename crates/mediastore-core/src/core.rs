@@ -21,8 +21,9 @@
 //! # Locking
 //!
 //! State is sharded three ways: refs by ref id (so resolves of unrelated refs
-//! never share a lock), scopes by name, files by identity. Locks nest only as
-//! scope partition → ref shard; file shards are never held with another lock.
+//! never share a lock), scopes by name, files by identity. Locks nest only in
+//! the order scope partition → ref shard → file shard (registration holds all
+//! three so that a refused registration changes nothing).
 //! Releases and sweeps pop holds under the partition lock, drop it, and then
 //! visit ref shards in short bounded runs, so readers wait microseconds.
 
@@ -200,6 +201,8 @@ struct RefShard {
     /// Interned metadata: a gateway registers the same few
     /// (filename, type, source) triples over and over.
     metas: HashTable<Arc<MediaMeta>>,
+    /// The last metadata interned: consecutive registrations usually repeat it.
+    last_meta: Option<Arc<MediaMeta>>,
     hasher: DefaultHashBuilder,
 }
 
@@ -213,6 +216,8 @@ struct Hold {
 
 struct ScopeRec {
     name: ScopeName,
+    /// Hash of `name` under `Core::hasher`; the table rehashes with it.
+    hash: u64,
     holds: VecDeque<Hold>,
     /// Every hold made before this instant counts as made at it (`touch`).
     touched_at: u64,
@@ -222,9 +227,41 @@ struct ScopeRec {
     indexed: Option<u64>,
 }
 
+/// Scope records keyed by name, looked up with a hash computed once per
+/// operation (the same hash picks the partition).
+#[derive(Default)]
+struct ScopeTable(HashTable<ScopeRec>);
+
+impl ScopeTable {
+    fn get(&self, hash: u64, name: &str) -> Option<&ScopeRec> {
+        self.0.find(hash, |r| &*r.name == name)
+    }
+
+    fn get_mut(&mut self, hash: u64, name: &str) -> Option<&mut ScopeRec> {
+        self.0.find_mut(hash, |r| &*r.name == name)
+    }
+
+    fn remove(&mut self, hash: u64, name: &str) -> Option<ScopeRec> {
+        let entry = self.0.find_entry(hash, |r| &*r.name == name).ok()?;
+        Some(entry.remove().0)
+    }
+
+    fn insert(&mut self, rec: ScopeRec) -> &mut ScopeRec {
+        self.0.insert_unique(rec.hash, rec, |r| r.hash).into_mut()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn values(&self) -> impl Iterator<Item = &ScopeRec> {
+        self.0.iter()
+    }
+}
+
 #[derive(Default)]
 struct ScopePart {
-    map: HashMap<ScopeName, ScopeRec>,
+    map: ScopeTable,
     deadlines: BTreeSet<(u64, ScopeName)>,
     overrides: HashMap<Box<str>, Expiry>,
 }
@@ -303,26 +340,24 @@ impl ScopeRec {
     }
 }
 
-impl ScopePart {
-    fn reindex(&mut self, name: &str) {
-        let Some(rec) = self.map.get_mut(name) else {
-            return;
-        };
-        let want = rec.deadline();
-        if want == rec.indexed {
-            return;
-        }
-        if let Some(old) = rec.indexed.take() {
-            self.deadlines.remove(&(old, rec.name.clone()));
-        }
-        if let Some(new) = want {
-            self.deadlines.insert((new, rec.name.clone()));
-            rec.indexed = Some(new);
-        }
+/// Puts a scope at the right place in its partition's deadline index.
+fn reindex(deadlines: &mut BTreeSet<(u64, ScopeName)>, rec: &mut ScopeRec) {
+    let want = rec.deadline();
+    if want == rec.indexed {
+        return;
     }
+    if let Some(old) = rec.indexed.take() {
+        deadlines.remove(&(old, rec.name.clone()));
+    }
+    if let Some(new) = want {
+        deadlines.insert((new, rec.name.clone()));
+        rec.indexed = Some(new);
+    }
+}
 
-    fn remove_scope(&mut self, name: &str) -> Option<ScopeRec> {
-        let rec = self.map.remove(name)?;
+impl ScopePart {
+    fn remove_scope(&mut self, hash: u64, name: &str) -> Option<ScopeRec> {
+        let rec = self.map.remove(hash, name)?;
         if let Some(old) = rec.indexed {
             self.deadlines.remove(&(old, rec.name.clone()));
         }
@@ -333,11 +368,28 @@ impl ScopePart {
 impl RefShard {
     fn find(&self, id: MediaRef) -> Option<usize> {
         self.index
-            .find(ref_hash(id), |&slot| self.slab[slot as usize].entry.id == id)
+            .find(ref_hash(id), |&slot| {
+                self.slab[slot as usize].entry.id == id
+            })
             .map(|&slot| slot as usize)
     }
 
     fn intern_meta(&mut self, meta: &MediaMeta, policy: CleanupPolicy) -> Arc<MediaMeta> {
+        let same = |m: &MediaMeta| {
+            m.policy == Some(policy)
+                && m.filename == meta.filename
+                && m.content_type == meta.content_type
+                && m.source == meta.source
+        };
+        if let Some(last) = self.last_meta.as_ref().filter(|m| same(m)) {
+            return last.clone();
+        }
+        let found = self.intern_meta_slow(meta, policy);
+        self.last_meta = Some(found.clone());
+        found
+    }
+
+    fn intern_meta_slow(&mut self, meta: &MediaMeta, policy: CleanupPolicy) -> Arc<MediaMeta> {
         let hash = self.hasher.hash_one((
             &meta.filename,
             &meta.content_type,
@@ -356,7 +408,9 @@ impl RefShard {
         // Drop entries nobody else holds before the table grows, so a
         // stream of unique filenames cannot accumulate here.
         if self.metas.len() == self.metas.capacity() && self.metas.len() >= 64 {
+            let last = self.last_meta.take();
             self.metas.retain(|m| Arc::strong_count(m) > 1);
+            self.last_meta = last;
         }
         let mut owned = meta.clone();
         owned.policy = Some(policy);
@@ -395,15 +449,19 @@ impl Core {
     /// A state machine with the given settings.
     pub fn new(config: CoreConfig) -> Self {
         let mut rules = config.scope_rules;
-        rules.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()));
+        rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Self {
             default_max_age: config.default_max_age.and_then(nonzero),
             rules,
-            refs: (0..REF_SHARDS).map(|_| Padded(Default::default())).collect(),
+            refs: (0..REF_SHARDS)
+                .map(|_| Padded(Default::default()))
+                .collect(),
             scopes: (0..SCOPE_PARTS)
                 .map(|_| Padded(Default::default()))
                 .collect(),
-            files: (0..FILE_SHARDS).map(|_| Padded(Default::default())).collect(),
+            files: (0..FILE_SHARDS)
+                .map(|_| Padded(Default::default()))
+                .collect(),
             hasher: DefaultHashBuilder::default(),
             delete_seq: AtomicU64::new(0),
         }
@@ -434,16 +492,20 @@ impl Core {
             })
     }
 
-    fn part(&self, scope: &str) -> &Mutex<ScopePart> {
-        &self.scopes[(self.hasher.hash_one(scope) as usize) % SCOPE_PARTS].0
+    /// The scope's partition and its hash. The partition comes from bits
+    /// the tables do not use for bucket selection, so a partition's table is
+    /// not left with one bucket pattern.
+    fn part(&self, scope: &str) -> (&Mutex<ScopePart>, u64) {
+        let hash = self.hasher.hash_one(scope);
+        (&self.scopes[((hash >> 32) as usize) % SCOPE_PARTS].0, hash)
     }
 
     fn file_shard(&self, key: &FileKey) -> &Mutex<FileShard> {
         &self.files[(self.hasher.hash_one(key) as usize) % FILE_SHARDS].0
     }
 
-    fn expiry_for(&self, part: &ScopePart, scope: &str) -> Option<u64> {
-        let mut expiry = part.overrides.get(scope).copied().unwrap_or_default();
+    fn expiry_for(&self, overrides: &HashMap<Box<str>, Expiry>, scope: &str) -> Option<u64> {
+        let mut expiry = overrides.get(scope).copied().unwrap_or_default();
         if expiry == Expiry::Default {
             expiry = self
                 .rules
@@ -458,22 +520,25 @@ impl Core {
         }
     }
 
-    fn scope_rec<'p>(&self, part: &'p mut ScopePart, scope: &str) -> &'p mut ScopeRec {
-        if !part.map.contains_key(scope) {
-            let max_age = self.expiry_for(part, scope);
-            let name: ScopeName = Arc::from(scope);
-            part.map.insert(
-                name.clone(),
-                ScopeRec {
-                    name,
-                    holds: VecDeque::new(),
-                    touched_at: 0,
-                    max_age,
-                    indexed: None,
-                },
-            );
+    fn scope_rec<'p>(
+        &self,
+        map: &'p mut ScopeTable,
+        overrides: &HashMap<Box<str>, Expiry>,
+        hash: u64,
+        scope: &str,
+    ) -> &'p mut ScopeRec {
+        if map.get(hash, scope).is_some() {
+            return map.get_mut(hash, scope).expect("present");
         }
-        part.map.get_mut(scope).expect("just inserted")
+        let max_age = self.expiry_for(overrides, scope);
+        map.insert(ScopeRec {
+            name: Arc::from(scope),
+            hash,
+            holds: VecDeque::new(),
+            touched_at: 0,
+            max_age,
+            indexed: None,
+        })
     }
 
     /// Records a new ref to a file under a scope.
@@ -483,14 +548,17 @@ impl Core {
     /// the caller could use the ref it would be gone.
     pub fn register(&self, now: Timestamp, reg: Registration<'_>) -> Result<()> {
         validate_scope(reg.scope)?;
-        let path = self.count_file(&reg)?;
         let shard_no = ref_shard(reg.id);
-        let mut part = self.part(reg.scope).lock();
-        let rec = self.scope_rec(&mut part, reg.scope);
+        let (part, hash) = self.part(reg.scope);
+        let mut part = part.lock();
+        let part = &mut *part;
+        let rec = self.scope_rec(&mut part.map, &part.overrides, hash, reg.scope);
         let name = rec.name.clone();
         let inserted = {
             let mut shard = self.refs[shard_no].0.write();
-            if shard.find(reg.id).is_some() {
+            // Every check that can refuse runs before the file is counted,
+            // so a refusal leaves the file's record exactly as it was.
+            let counted = if shard.find(reg.id).is_some() {
                 Err(Error::InvalidRef {
                     input: reg.id.to_string(),
                     reason: "ref already registered",
@@ -498,6 +566,9 @@ impl Core {
             } else if shard.slab.vacant_key() > MAX_SLOT {
                 Err(Error::Full("too many refs in one shard"))
             } else {
+                self.count_file(&reg)
+            };
+            counted.map(|path| {
                 let meta = shard.intern_meta(reg.meta, reg.policy);
                 let slot = shard.slab.insert(RefRec {
                     entry: Arc::new(Resolved {
@@ -512,8 +583,8 @@ impl Core {
                 let hash = ref_hash(reg.id);
                 let RefShard { slab, index, .. } = &mut *shard;
                 index.insert_unique(hash, slot as u32, |&s| ref_hash(slab[s as usize].entry.id));
-                Ok(((slot as u32) << REF_SHARD_BITS) | shard_no as u32)
-            }
+                ((slot as u32) << REF_SHARD_BITS) | shard_no as u32
+            })
         };
         match inserted {
             Ok(handle) => {
@@ -521,15 +592,13 @@ impl Core {
                     handle,
                     made_at: now.0,
                 });
-                part.reindex(reg.scope);
+                reindex(&mut part.deadlines, rec);
                 Ok(())
             }
             Err(e) => {
                 if rec.holds.is_empty() {
-                    part.remove_scope(reg.scope);
+                    part.remove_scope(hash, reg.scope);
                 }
-                drop(part);
-                self.uncount_file(reg.file);
                 Err(e)
             }
         }
@@ -539,7 +608,9 @@ impl Core {
     fn count_file(&self, reg: &Registration<'_>) -> Result<Arc<Path>> {
         let mut shard = self.file_shard(&reg.file).lock();
         if shard.last_delete > reg.ticket {
-            return Err(Error::Conflict("a file was deleted while this one was being registered"));
+            return Err(Error::Conflict(
+                "a file was deleted while this one was being registered",
+            ));
         }
         let rec = shard.map.entry(reg.file).or_insert_with(|| FileRec {
             count: 0,
@@ -575,7 +646,13 @@ impl Core {
         rec.count += 1;
         rec.pinned |= reg.policy == CleanupPolicy::ForgetOnly;
         rec.size = reg.size;
-        if let Some(p) = rec.spellings.iter().find(|p| ***p == *reg.path) {
+        // Byte equality: `Path`'s own equality ignores `.` components, and a
+        // ref must resolve to exactly the spelling it was registered with.
+        if let Some(p) = rec
+            .spellings
+            .iter()
+            .find(|p| p.as_os_str() == reg.path.as_os_str())
+        {
             return Ok(p.clone());
         }
         let p: Arc<Path> = Arc::from(reg.path);
@@ -583,17 +660,6 @@ impl Core {
             rec.spellings.push(p.clone());
         }
         Ok(p)
-    }
-
-    /// Undoes a `count_file` whose ref never came to exist.
-    fn uncount_file(&self, key: FileKey) {
-        let mut shard = self.file_shard(&key).lock();
-        if let Some(rec) = shard.map.get_mut(&key) {
-            rec.count -= 1;
-            if rec.count == 0 {
-                shard.map.remove(&key);
-            }
-        }
     }
 
     /// Looks a ref up.
@@ -608,13 +674,15 @@ impl Core {
     pub fn retain(&self, now: Timestamp, id: MediaRef, scope: &str) -> Result<()> {
         validate_scope(scope)?;
         let shard_no = ref_shard(id);
-        let mut part = self.part(scope).lock();
-        let rec = self.scope_rec(&mut part, scope);
+        let (part, hash) = self.part(scope);
+        let mut part = part.lock();
+        let part = &mut *part;
+        let rec = self.scope_rec(&mut part.map, &part.overrides, hash, scope);
         let mut shard = self.refs[shard_no].0.write();
         let Some(slot) = shard.find(id) else {
             drop(shard);
             if rec.holds.is_empty() {
-                part.remove_scope(scope);
+                part.remove_scope(hash, scope);
             }
             return Err(Error::UnknownRef(id));
         };
@@ -628,18 +696,17 @@ impl Core {
         } else {
             None
         };
-        match queued {
-            Some(i) => {
-                rec.holds.remove(i);
+        // Renewing never shortens a hold, as with `touch`.
+        let made_at = match queued {
+            Some(i) => rec.holds.remove(i).map_or(now.0, |h| h.made_at.max(now.0)),
+            None => {
+                ref_rec.holders.push(rec.name.clone());
+                now.0
             }
-            None => ref_rec.holders.push(rec.name.clone()),
-        }
+        };
         drop(shard);
-        rec.insert_sorted(Hold {
-            handle,
-            made_at: now.0,
-        });
-        part.reindex(scope);
+        rec.insert_sorted(Hold { handle, made_at });
+        reindex(&mut part.deadlines, rec);
         Ok(())
     }
 
@@ -647,14 +714,15 @@ impl Core {
     /// has (0 for an unknown scope).
     pub fn touch(&self, now: Timestamp, scope: &str) -> Result<usize> {
         validate_scope(scope)?;
-        let mut part = self.part(scope).lock();
-        let Some(rec) = part.map.get_mut(scope) else {
+        let (part, hash) = self.part(scope);
+        let mut part = part.lock();
+        let part = &mut *part;
+        let Some(rec) = part.map.get_mut(hash, scope) else {
             return Ok(0);
         };
         rec.touched_at = rec.touched_at.max(now.0);
-        let n = rec.holds.len();
-        part.reindex(scope);
-        Ok(n)
+        reindex(&mut part.deadlines, rec);
+        Ok(rec.holds.len())
     }
 
     /// Sets how long the holds of `scope` live; [`Expiry::Default`] removes
@@ -662,16 +730,18 @@ impl Core {
     /// future holds, also after it empties and comes back.
     pub fn set_scope_expiry(&self, scope: &str, expiry: Expiry) -> Result<()> {
         validate_scope(scope)?;
-        let mut part = self.part(scope).lock();
+        let (part, hash) = self.part(scope);
+        let mut part = part.lock();
+        let part = &mut *part;
         if expiry == Expiry::Default {
             part.overrides.remove(scope);
         } else {
             part.overrides.insert(scope.into(), expiry);
         }
-        let max_age = self.expiry_for(&part, scope);
-        if let Some(rec) = part.map.get_mut(scope) {
+        let max_age = self.expiry_for(&part.overrides, scope);
+        if let Some(rec) = part.map.get_mut(hash, scope) {
             rec.max_age = max_age;
-            part.reindex(scope);
+            reindex(&mut part.deadlines, rec);
         }
         Ok(())
     }
@@ -679,10 +749,12 @@ impl Core {
     /// Drops every hold of the scope. Unknown scopes are a no-op.
     pub fn release_all(&self, scope: &str) -> Result<Dropped> {
         validate_scope(scope)?;
-        let Some(rec) = self.part(scope).lock().remove_scope(scope) else {
+        let (part, hash) = self.part(scope);
+        let Some(rec) = part.lock().remove_scope(hash, scope) else {
             return Ok(Dropped::default());
         };
-        let mut items: Vec<(u32, u32)> = rec.holds.iter().map(|h| (h.handle, 0)).collect();
+        let mut items: SmallVec<[(u32, u32); 16]> =
+            rec.holds.iter().map(|h| (h.handle, 0)).collect();
         let mut out = Dropped {
             scopes_removed: 1,
             ..Dropped::default()
@@ -695,11 +767,13 @@ impl Core {
     /// a hold exactly max-age old survives). Call again while `more` is set;
     /// each call holds a lock only for a bounded amount of work.
     pub fn expire(&self, now: Timestamp, budget: usize) -> Dropped {
+        let budget = budget.max(1);
         let mut out = Dropped::default();
         let mut items: Vec<(u32, u32)> = Vec::new();
         let mut names: Vec<ScopeName> = Vec::new();
         for part in self.scopes.iter() {
             let mut part = part.0.lock();
+            let part = &mut *part;
             while items.len() < budget {
                 let Some((deadline, name)) = part.deadlines.first().cloned() else {
                     break;
@@ -707,7 +781,8 @@ impl Core {
                 if deadline >= now.0 {
                     break;
                 }
-                let rec = part.map.get_mut(&*name).expect("indexed scope exists");
+                let hash = self.hasher.hash_one(&*name);
+                let rec = part.map.get_mut(hash, &name).expect("indexed scope exists");
                 let name_index = names.len() as u32;
                 names.push(rec.name.clone());
                 while items.len() < budget && rec.deadline().is_some_and(|d| d < now.0) {
@@ -715,10 +790,10 @@ impl Core {
                     items.push((hold.handle, name_index));
                 }
                 if rec.holds.is_empty() {
-                    part.remove_scope(&name);
+                    part.remove_scope(hash, &name);
                     out.scopes_removed += 1;
                 } else {
-                    part.reindex(&name);
+                    reindex(&mut part.deadlines, rec);
                 }
             }
             if items.len() >= budget {
@@ -743,7 +818,7 @@ impl Core {
     /// `items` are (ref handle, index into `names` of the scope that held it).
     fn drop_holds(&self, items: &mut [(u32, u32)], names: &[ScopeName], out: &mut Dropped) {
         items.sort_unstable_by_key(|(h, _)| handle_parts(*h).0);
-        let mut dead: Vec<FileKey> = Vec::new();
+        let mut dead: SmallVec<[FileKey; 16]> = SmallVec::new();
         for chunk in items.chunk_by(|a, b| handle_parts(a.0).0 == handle_parts(b.0).0) {
             let shard_no = handle_parts(chunk[0].0).0;
             for run in chunk.chunks(RUN) {
@@ -842,8 +917,9 @@ impl Core {
     /// The refs a scope holds, oldest hold first. Unknown scope: empty.
     pub fn refs_in(&self, scope: &str) -> Result<Vec<MediaRef>> {
         validate_scope(scope)?;
-        let part = self.part(scope).lock();
-        let Some(rec) = part.map.get(scope) else {
+        let (part, hash) = self.part(scope);
+        let part = part.lock();
+        let Some(rec) = part.map.get(hash, scope) else {
             return Ok(Vec::new());
         };
         Ok(rec
@@ -901,7 +977,8 @@ impl Core {
             Default::default();
         for part in &parts {
             let mut indexed = 0;
-            for (name, rec) in &part.map {
+            for rec in part.map.values() {
+                let name = &rec.name;
                 if rec.holds.is_empty() {
                     return Err(format!("empty scope {name:?} kept"));
                 }
@@ -960,7 +1037,10 @@ impl Core {
                 want.sort();
                 have.sort();
                 if want != have || have.is_empty() {
-                    return Err(format!("{} holders disagree with scope holds", rec.entry.id));
+                    return Err(format!(
+                        "{} holders disagree with scope holds",
+                        rec.entry.id
+                    ));
                 }
                 *refs_per_file.entry(rec.entry.file).or_default() += 1;
             }

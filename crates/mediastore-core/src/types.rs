@@ -239,7 +239,9 @@ pub struct FileKey {
 
 /// A point in time: nanoseconds since the Unix epoch. The core never reads a
 /// clock; every operation that depends on time takes one of these.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct Timestamp(pub u64);
 
 impl Timestamp {
@@ -288,6 +290,14 @@ pub struct ScopeRule {
     pub expiry: Expiry,
 }
 
+fn has_control(s: &str) -> bool {
+    if s.is_ascii() {
+        s.bytes().any(|b| b < 0x20 || b == 0x7f)
+    } else {
+        s.chars().any(char::is_control)
+    }
+}
+
 /// Checks a scope name: non-empty, at most [`MAX_SCOPE_LEN`] bytes, and no
 /// control characters (they break logs and headers).
 pub fn validate_scope(scope: &str) -> Result<(), Error> {
@@ -295,7 +305,7 @@ pub fn validate_scope(scope: &str) -> Result<(), Error> {
         "scope is empty"
     } else if scope.len() > MAX_SCOPE_LEN {
         "scope is longer than 512 bytes"
-    } else if scope.chars().any(char::is_control) {
+    } else if has_control(scope) {
         "scope contains a control character"
     } else {
         return Ok(());
@@ -354,7 +364,13 @@ mod tests {
             "forget_only".parse::<CleanupPolicy>().unwrap(),
             CleanupPolicy::ForgetOnly
         );
-        for bad in ["", "delete", "FORGET_ONLY", "forget-only", "delete_on_cleanup "] {
+        for bad in [
+            "",
+            "delete",
+            "FORGET_ONLY",
+            "forget-only",
+            "delete_on_cleanup ",
+        ] {
             assert!(matches!(
                 bad.parse::<CleanupPolicy>(),
                 Err(Error::InvalidPolicy { .. })
@@ -370,6 +386,9 @@ mod tests {
         assert!(validate_scope("").is_err());
         assert!(validate_scope("a\0b").is_err());
         assert!(validate_scope("a\nb").is_err());
+        assert!(validate_scope("a\u{7f}b").is_err());
+        assert!(validate_scope("é\u{85}").is_err());
+        assert!(validate_scope("chat:é:1").is_ok());
         assert!(validate_scope(&"x".repeat(513)).is_err());
         assert!(validate_scope(&"x".repeat(512)).is_ok());
     }

@@ -142,7 +142,9 @@ struct Model {
     sizes: BTreeMap<FileKey, u64>,
     /// Spellings registered since the file's record was created (a failed
     /// deletion keeps the record, so they carry over into a revived life).
-    spellings: BTreeMap<FileKey, BTreeSet<PathBuf>>,
+    /// Spellings compared as bytes: `Path` equality ignores `.` components,
+    /// and each spelling must be kept exactly.
+    spellings: BTreeMap<FileKey, BTreeSet<std::ffi::OsString>>,
     /// Every ref ever offered to `register` (registered or refused), in order.
     all_refs: Vec<MediaRef>,
     /// Files whose deletion was reported done, in order: the core's
@@ -291,7 +293,7 @@ impl Model {
         self.spellings
             .entry(file)
             .or_default()
-            .insert(path.to_path_buf());
+            .insert(path.as_os_str().to_owned());
         self.refs.insert(
             id,
             MRef {
@@ -492,7 +494,8 @@ fn check_deletions(m: &Model, got: &[Deletion], want: &BTreeSet<FileKey>) -> Tes
             "{:?} handed out",
             d.file
         );
-        let paths: BTreeSet<PathBuf> = d.paths.iter().map(|p| p.to_path_buf()).collect();
+        let paths: BTreeSet<std::ffi::OsString> =
+            d.paths.iter().map(|p| p.as_os_str().to_owned()).collect();
         prop_assert_eq!(paths.len(), d.paths.len(), "duplicate paths in {:?}", d);
         prop_assert_eq!(
             Some(&paths),
@@ -527,7 +530,12 @@ fn check_all(core: &Core, m: &Model) -> TestResult {
                     .resolve(id)
                     .map_err(|e| TestCaseError::fail(format!("resolve {id}: {e}")))?;
                 prop_assert_eq!(got.id, id);
-                prop_assert_eq!(&*got.path, want.path.as_path(), "path of {}", id);
+                prop_assert_eq!(
+                    got.path.as_os_str(),
+                    want.path.as_os_str(),
+                    "exact spelling of {}",
+                    id
+                );
                 prop_assert_eq!(got.meta.policy, Some(want.policy), "policy of {}", id);
                 prop_assert_eq!(got.stored_at, Timestamp(want.stored_at));
                 prop_assert_eq!(got.file, want.file);
@@ -1081,18 +1089,11 @@ fn register_plain(
     )
 }
 
-// Known core bug, kept out of the random model (which never reuses an id):
-// when `Core::register` fails *after* `count_file` (duplicate ref id, or
-// `Error::Full`), `uncount_file` only decrements the count. It does not undo
-// the `pinned |= forget_only` of the refused registration, nor the revival of
-// a file whose deletion had failed (state `Failed` -> `Live`, dropped from the
-// retry list; the record is then removed outright at count 0), and it never
-// hands out a deletion when its decrement is the one that reaches zero (a
-// concurrent release of the file's last real ref in between). Each leaves a
-// `delete_on_cleanup` file that is never deleted. Un-ignore once fixed.
+// Regression: a registration refused after the file was counted (duplicate
+// ref id, full shard) used to leave the file pinned or drop its failed
+// deletion from the retry list. Refusals now happen before counting.
 
 #[test]
-#[ignore = "core bug: a refused registration pins the file (see comment above)"]
 fn refused_registration_does_not_pin_the_file() {
     let core = Core::new(CoreConfig::default());
     let a = ref_from(1);
@@ -1114,7 +1115,6 @@ fn refused_registration_does_not_pin_the_file() {
 }
 
 #[test]
-#[ignore = "core bug: a refused registration forgets a failed deletion (see comment above)"]
 fn refused_registration_keeps_a_failed_deletion() {
     let core = Core::new(CoreConfig::default());
     register_plain(&core, ref_from(1), 0, false, "s0").unwrap();

@@ -6,9 +6,7 @@
 
 use std::time::Duration;
 
-use mediastore::{
-    Expiry, ManualClock, MediaMeta, MediaStore, MemoryStore, SystemClock, Clock,
-};
+use mediastore::{Clock, Expiry, ManualClock, MediaMeta, MediaStore, MemoryStore, SystemClock};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::runtime::Builder::new_current_thread()
@@ -39,7 +37,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let r = store.store(&photo, &meta, message).await?;
     let resolved = store.resolve_with_meta(r).await?;
     println!("\n1. store    {} under {message}", photo.display());
-    println!("   → {r} (policy {}, by location)", resolved.meta.policy.expect("set"));
+    println!(
+        "   → {r} (policy {}, by location)",
+        resolved.meta.policy.expect("set")
+    );
 
     println!("\n2. resolve  {r}");
     println!(

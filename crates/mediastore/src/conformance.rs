@@ -227,7 +227,10 @@ pub async fn peer_08_release_after_file_lost<E: Engine>(e: &E) {
     f.store.retain(r, "other").await.unwrap();
     fs::remove_file(&p).unwrap();
     f.store.release_all("s").await.unwrap();
-    assert_eq!(f.store.scopes_of(r).await.unwrap(), vec!["other".to_string()]);
+    assert_eq!(
+        f.store.scopes_of(r).await.unwrap(),
+        vec!["other".to_string()]
+    );
     let report = f.store.release_all("other").await.unwrap();
     assert_eq!(report.files_deleted, 0, "already gone is not an error");
     assert!(report.failures.is_empty());
@@ -502,7 +505,10 @@ pub async fn peer_23_mixed_concurrency<E: Engine>(e: &E) {
     f.clock.advance(Duration::from_secs(1));
     f.store.clean_expired().await.unwrap();
     let stats = f.store.stats().await.unwrap();
-    assert_eq!((stats.refs, stats.scopes, stats.holds, stats.files), (0, 0, 0, 0));
+    assert_eq!(
+        (stats.refs, stats.scopes, stats.holds, stats.files),
+        (0, 0, 0, 0)
+    );
     assert_eq!(stats.pending_deletions, 0);
 }
 
@@ -549,7 +555,11 @@ pub async fn custody_retain_outlives_message<E: Engine>(e: &E) {
     assert_eq!(f.store.refs_in("session:abc").await.unwrap(), vec![r]);
     let report = f.store.release_all("session:abc").await.unwrap();
     assert_eq!(
-        (report.refs_removed, report.files_deleted, report.bytes_freed),
+        (
+            report.refs_removed,
+            report.files_deleted,
+            report.bytes_freed
+        ),
         (1, 1, "voice.ogg".len() as u64)
     );
     assert!(!p.exists());
@@ -652,7 +662,10 @@ pub async fn never_deletes_outside_roots<E: Engine>(e: &E) {
     assert_eq!(report.files_deleted, 0);
     assert_eq!(report.failures.len(), 1, "{report:?}");
     assert!(!report.failures[0].will_retry);
-    assert!(moved.join("a.jpg").exists(), "file outside the root survived");
+    assert!(
+        moved.join("a.jpg").exists(),
+        "file outside the root survived"
+    );
     assert!(f.gone(r).await);
 }
 
@@ -676,7 +689,10 @@ pub async fn aliasing_shares_one_count<E: Engine>(e: &E) {
     assert_eq!(status.refs, spellings.len() as u32);
     for i in 0..spellings.len() - 1 {
         f.store.release_all(&format!("s{i}")).await.unwrap();
-        assert!(p.exists(), "deleted while a ref under another spelling lives");
+        assert!(
+            p.exists(),
+            "deleted while a ref under another spelling lives"
+        );
     }
     let report = f
         .store
@@ -684,8 +700,14 @@ pub async fn aliasing_shares_one_count<E: Engine>(e: &E) {
         .await
         .unwrap();
     assert_eq!(report.files_deleted, 1);
-    assert!(!p.exists() && !hard.exists(), "both names of the file removed");
-    assert!(fs::symlink_metadata(&link).is_ok(), "the symlink is not the file");
+    assert!(
+        !p.exists() && !hard.exists(),
+        "both names of the file removed"
+    );
+    assert!(
+        fs::symlink_metadata(&link).is_ok(),
+        "the symlink is not the file"
+    );
 
     // forget_only under one spelling protects the file under all.
     let q = f.file("d/b.jpg");
@@ -718,9 +740,15 @@ pub async fn replaced_and_vanished_files<E: Engine>(e: &E) {
     let (_, resolved) = f.store.open(r).await.unwrap();
     assert_eq!(&*resolved.path, p.as_path());
     fs::remove_file(&p).unwrap();
-    assert!(matches!(f.store.open(r).await, Err(Error::FileVanished { .. })));
+    assert!(matches!(
+        f.store.open(r).await,
+        Err(Error::FileVanished { .. })
+    ));
     fs::write(&p, b"a new file").unwrap();
-    assert!(matches!(f.store.open(r).await, Err(Error::FileVanished { .. })));
+    assert!(matches!(
+        f.store.open(r).await,
+        Err(Error::FileVanished { .. })
+    ));
     let report = f.store.release_all("s").await.unwrap();
     assert_eq!(report.files_deleted, 0);
     assert_eq!(fs::read(&p).unwrap(), b"a new file");
@@ -758,7 +786,8 @@ pub async fn release_store_race<E: Engine>(e: &E) {
     let files: Vec<PathBuf> = (0..8).map(|i| f.file(&format!("race{i}.jpg"))).collect();
     let files = Arc::new(files);
     for side in 0..2 {
-        let (f, handle, barrier, files) = (f.clone(), handle.clone(), barrier.clone(), files.clone());
+        let (f, handle, barrier, files) =
+            (f.clone(), handle.clone(), barrier.clone(), files.clone());
         let (won, lost, failed) = (won.clone(), lost.clone(), failed.clone());
         threads.push(std::thread::spawn(move || {
             for round in 0..ROUNDS {
@@ -768,9 +797,15 @@ pub async fn release_store_race<E: Engine>(e: &E) {
                 }
                 barrier.wait();
                 if side == 0 {
-                    handle.block_on(f.store.release_all(&format!("a:{round}"))).unwrap();
+                    handle
+                        .block_on(f.store.release_all(&format!("a:{round}")))
+                        .unwrap();
                 } else {
-                    match handle.block_on(f.store.store(p, &meta().with_policy(OWNED), &format!("b:{round}"))) {
+                    match handle.block_on(f.store.store(
+                        p,
+                        &meta().with_policy(OWNED),
+                        &format!("b:{round}"),
+                    )) {
                         Ok(r) => {
                             won.fetch_add(1, Ordering::Relaxed);
                             let path = handle.block_on(f.store.resolve(r)).unwrap();
@@ -788,13 +823,18 @@ pub async fn release_store_race<E: Engine>(e: &E) {
                 if side == 1 {
                     // Every live ref's file exists after the round; then
                     // the file is recreated for the next round.
-                    for r in handle.block_on(f.store.refs_in(&format!("b:{round}"))).unwrap() {
+                    for r in handle
+                        .block_on(f.store.refs_in(&format!("b:{round}")))
+                        .unwrap()
+                    {
                         let path = handle.block_on(f.store.resolve(r)).unwrap();
                         if !path.exists() {
                             failed.store(true, Ordering::Relaxed);
                         }
                     }
-                    handle.block_on(f.store.release_all(&format!("b:{round}"))).unwrap();
+                    handle
+                        .block_on(f.store.release_all(&format!("b:{round}")))
+                        .unwrap();
                     if !p.exists() {
                         fs::write(p, b"again").unwrap();
                     }

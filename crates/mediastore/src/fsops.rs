@@ -79,9 +79,8 @@ impl OwnedRoots {
     pub fn new(roots: &[PathBuf]) -> Result<Self> {
         let mut canon = Vec::with_capacity(roots.len());
         for r in roots {
-            let c = fs::canonicalize(r).map_err(|e| {
-                Error::InvalidConfig(format!("owned root {}: {e}", r.display()))
-            })?;
+            let c = fs::canonicalize(r)
+                .map_err(|e| Error::InvalidConfig(format!("owned root {}: {e}", r.display())))?;
             if !c.is_dir() {
                 return Err(Error::InvalidConfig(format!(
                     "owned root {} is not a directory",

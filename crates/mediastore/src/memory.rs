@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mediastore_core::{
-    Core, CoreConfig, DeleteOutcome, Deletion, Error, Expiry, FileStatus,
-    MediaMeta, MediaRef, Registration, Resolved, Result, ScopeRule, Timestamp,
+    Core, CoreConfig, DeleteOutcome, Deletion, Error, Expiry, FileStatus, MediaMeta, MediaRef,
+    Registration, Resolved, Result, ScopeRule, Timestamp,
 };
 
 use crate::api::{DeleteFailure, MediaStore, ReleaseReport, Stats, SweepReport};
@@ -124,7 +124,7 @@ impl MemoryStore {
     }
 
     fn now(&self) -> Timestamp {
-        Timestamp::from_system(self.clock.now())
+        self.clock.timestamp()
     }
 
     fn store_sync(&self, path: &Path, meta: &MediaMeta, scope: &str) -> Result<MediaRef> {
