@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::pin::pin;
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -132,18 +132,47 @@ fn threads_per_core() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get())
 }
 
-/// Runs `per_thread(thread_index, turns)` on `threads` threads and returns
-/// total turns per second.
-fn run_threads(threads: usize, total: usize, per_thread: impl Fn(usize, usize) + Sync) -> f64 {
+/// Runs `per_thread(thread_index, first_turn, turns)` on `threads` threads
+/// and returns how long it took.
+fn run_threads(
+    threads: usize,
+    first: usize,
+    total: usize,
+    per_thread: &(dyn Fn(usize, usize, usize) + Sync),
+) -> Duration {
     let per = total / threads;
     let start = Instant::now();
     std::thread::scope(|s| {
         for t in 0..threads {
-            let f = &per_thread;
-            s.spawn(move || f(t, per));
+            s.spawn(move || per_thread(t, first, per));
         }
     });
-    (per * threads) as f64 / start.elapsed().as_secs_f64()
+    start.elapsed()
+}
+
+/// Chunks per measurement. The host's speed drifts by ±15% within seconds
+/// on these shared machines, so every job of a comparison (a workload and
+/// its floor, one thread and several) runs one chunk in turn, round after
+/// round, and all of them see the same drift.
+const ROUNDS: usize = 10;
+
+/// One thing to time: a thread count and the work each thread does.
+type Job<'a> = (usize, &'a (dyn Fn(usize, usize, usize) + Sync));
+
+/// Runs `total` turns of each job, interleaved chunk by chunk; returns each
+/// job's rate in turns per second.
+fn interleaved(total: usize, jobs: &[Job<'_>]) -> Vec<f64> {
+    let chunk = total / ROUNDS;
+    let mut took = vec![Duration::ZERO; jobs.len()];
+    for round in 0..ROUNDS {
+        for (j, (threads, work)) in jobs.iter().enumerate() {
+            took[j] += run_threads(*threads, round * chunk, chunk, *work);
+        }
+    }
+    jobs.iter()
+        .zip(took)
+        .map(|((threads, _), t)| (chunk / threads * threads * ROUNDS) as f64 / t.as_secs_f64())
+        .collect()
 }
 
 fn turns(engine: &str, scale: usize) {
@@ -153,47 +182,49 @@ fn turns(engine: &str, scale: usize) {
     let files = pool(dir.path(), 1024, 1);
     let meta =
         MediaMeta::new("a.jpg", "image/jpeg", "telegram").with_policy(CleanupPolicy::ForgetOnly);
-    let mut one_thread = 0.0;
-    for threads in [1, threads_per_core()] {
-        let store = MemoryStore::builder().build().expect("store");
-        let pick = |t: usize, i: usize, k: usize| &files[(t * 512 + i * 4 + k) % files.len()];
-        // Warm up allocator and caches so the first configuration measured
-        // is not penalised.
-        run_threads(threads, total / 10, |t, n| {
-            turn_loop(&store, &meta, t + 100, n, &pick)
-        });
-        let floor = run_threads(threads, total, |t, n| {
-            for i in 0..n {
-                for k in 0..4 {
-                    std::hint::black_box(fs::metadata(pick(t, i, k)).expect("stat"));
-                }
+    let store = MemoryStore::builder().build().expect("store");
+    let pick = |t: usize, i: usize, k: usize| &files[(t * 512 + i * 4 + k) % files.len()];
+    let floor = |t: usize, first: usize, n: usize| {
+        for i in first..first + n {
+            for k in 0..4 {
+                std::hint::black_box(fs::symlink_metadata(pick(t, i, k)).expect("stat"));
             }
-        });
-        let rate = run_threads(threads, total, |t, n| turn_loop(&store, &meta, t, n, &pick));
-        if threads == 1 {
-            one_thread = rate;
         }
+    };
+    let work = |t: usize, first: usize, n: usize| turn_loop(&store, &meta, t, first, n, &pick);
+    // Warm up the allocator, the caches and the store's tables.
+    run_threads(1, 0, total / 10, &|_, first, n| {
+        turn_loop(&store, &meta, 100, first, n, &pick)
+    });
+    let many = threads_per_core();
+    let rates = interleaved(
+        total,
+        &[(1, &floor), (1, &work), (many, &floor), (many, &work)],
+    );
+    for (threads, floor, rate) in [(1, rates[0], rates[1]), (many, rates[2], rates[3])] {
         let mut line = json!({
             "bench": "turns", "engine": engine, "threads": threads, "turns": total,
             "turns_per_s": rate.round(), "floor_turns_per_s": floor.round(),
             "ratio_to_floor": ratio(rate, floor),
         });
         if threads > 1 {
-            line["ratio_to_1_thread"] = json!(ratio(rate, one_thread));
+            line["ratio_to_1_thread"] = json!(ratio(rate, rates[1]));
         }
         emit(line);
     }
 }
 
+/// `n` turns of thread `t`, numbered from `first` (scopes stay unique).
 fn turn_loop<'a>(
     store: &MemoryStore,
     meta: &MediaMeta,
     t: usize,
+    first: usize,
     n: usize,
     pick: &impl Fn(usize, usize, usize) -> &'a PathBuf,
 ) {
     let mut scope = String::new();
-    for i in 0..n {
+    for i in first..first + n {
         use std::fmt::Write;
         scope.clear();
         write!(scope, "chat:{t}:msg:{i}").expect("format");
@@ -221,38 +252,39 @@ fn delete(engine: &str, scale: usize) {
         .owned_root(dir.path())
         .build()
         .expect("store");
-    let mut scope = String::new();
-    let mut run = |measure_store: bool| {
-        let start = Instant::now();
-        for i in 0..total {
+    let floor = |_: usize, first: usize, n: usize| {
+        for _ in first..first + n {
             for p in &names {
                 fs::write(p, &data).expect("write");
             }
-            if measure_store {
-                use std::fmt::Write;
-                scope.clear();
-                write!(scope, "chat:0:msg:{i}").expect("format");
-                for p in &names {
-                    ready(store.store(p, &meta, &scope)).expect("store");
-                }
-                let report = ready(store.release_all(&scope)).expect("release");
-                assert_eq!(report.files_deleted, 4, "{report:?}");
-            } else {
-                for p in &names {
-                    std::hint::black_box(fs::metadata(p).expect("stat"));
-                    fs::remove_file(p).expect("unlink");
-                }
+            for p in &names {
+                std::hint::black_box(fs::symlink_metadata(p).expect("stat"));
+                fs::remove_file(p).expect("unlink");
             }
         }
-        total as f64 / start.elapsed().as_secs_f64()
     };
-    run(false);
-    let floor = run(false);
-    let rate = run(true);
+    let work = |_: usize, first: usize, n: usize| {
+        let mut scope = String::new();
+        for i in first..first + n {
+            for p in &names {
+                fs::write(p, &data).expect("write");
+            }
+            use std::fmt::Write;
+            scope.clear();
+            write!(scope, "chat:0:msg:{i}").expect("format");
+            for p in &names {
+                ready(store.store(p, &meta, &scope)).expect("store");
+            }
+            let report = ready(store.release_all(&scope)).expect("release");
+            assert_eq!(report.files_deleted, 4, "{report:?}");
+        }
+    };
+    run_threads(1, 0, total / 10, &work);
+    let rates = interleaved(total, &[(1, &floor), (1, &work)]);
     emit(json!({
         "bench": "delete", "engine": engine, "threads": 1, "turns": total,
-        "turns_per_s": rate.round(), "floor_turns_per_s": floor.round(),
-        "ratio_to_floor": ratio(rate, floor),
+        "turns_per_s": rates[1].round(), "floor_turns_per_s": rates[0].round(),
+        "ratio_to_floor": ratio(rates[1], rates[0]),
     }));
 }
 
@@ -334,48 +366,74 @@ fn sweep(engine: &str, scale: usize) {
         .filter(|(i, _)| i % 10 >= 5)
         .map(|(_, r)| *r)
         .collect();
-    let sweeping = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicBool::new(false));
+    // Phases of the reader: 0 warm up, 1 record while this thread burns CPU
+    // without touching the store (the baseline: what the host does to a
+    // reader when both CPUs are busy), 2 record during the sweep, 3 stop.
+    let phase = Arc::new(AtomicU8::new(0));
     let reader = {
-        let (store, sweeping, done) = (store.clone(), sweeping.clone(), done.clone());
+        let (store, phase) = (store.clone(), phase.clone());
         std::thread::spawn(move || {
-            let mut lat = Vec::with_capacity(1 << 20);
+            // Touched up front: a page fault inside the timed loop would be
+            // charged to the sweep.
+            let cap = 1 << 22;
+            let mut lat = [vec![0u64; cap], vec![0u64; cap]];
+            let mut n = [0usize; 2];
             let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-            while !done.load(Ordering::Acquire) {
+            loop {
+                let p = phase.load(Ordering::Acquire);
+                if p == 3 {
+                    break;
+                }
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
                 let r = live[(x % live.len() as u64) as usize];
                 let start = Instant::now();
                 std::hint::black_box(ready(store.resolve_with_meta(r)).expect("live ref"));
-                let took = start.elapsed();
-                if sweeping.load(Ordering::Acquire) {
-                    lat.push(took.as_nanos() as u64);
+                let took = start.elapsed().as_nanos() as u64;
+                if p == 1 || p == 2 {
+                    let i = p as usize - 1;
+                    if n[i] < cap {
+                        lat[i][n[i]] = took;
+                        n[i] += 1;
+                    }
                 }
             }
-            lat
+            let [mut idle, mut busy] = lat;
+            idle.truncate(n[0]);
+            busy.truncate(n[1]);
+            (idle, busy)
         })
     };
     std::thread::sleep(Duration::from_millis(50));
-    sweeping.store(true, Ordering::Release);
+    phase.store(1, Ordering::Release);
+    let spin = Instant::now();
+    while spin.elapsed() < Duration::from_millis(300) {
+        std::hint::spin_loop();
+    }
+    phase.store(2, Ordering::Release);
     let start = Instant::now();
     let report = ready(store.clean_expired()).expect("sweep");
     let sweep_ms = start.elapsed().as_secs_f64() * 1000.0;
-    sweeping.store(false, Ordering::Release);
-    done.store(true, Ordering::Release);
-    let mut lat = reader.join().expect("reader");
-    lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .map_or(0.0, |&ns| ns as f64 / 1000.0)
+    phase.store(3, Ordering::Release);
+    let (mut baseline, mut busy) = reader.join().expect("reader");
+    baseline.sort_unstable();
+    busy.sort_unstable();
+    let pct = |lat: &[u64], p: f64| {
+        let us = lat
+            .get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0.0, |&ns| ns as f64 / 1000.0);
+        (us * 100.0).round() / 100.0
     };
     emit(json!({
         "bench": "sweep", "engine": engine, "refs": refs, "expired": report.refs_expired,
         "sweep_ms": (sweep_ms * 10.0).round() / 10.0,
         "seed_sweep_ms": SEED_SWEEP_MS, "speedup_vs_seed": ratio(SEED_SWEEP_MS, sweep_ms),
-        "reader_samples": lat.len(),
-        "reader_p50_us": (pct(0.50) * 100.0).round() / 100.0,
-        "reader_p99_us": (pct(0.99) * 100.0).round() / 100.0,
-        "reader_max_us": (pct(1.0) * 100.0).round() / 100.0,
+        "reader_samples": busy.len(),
+        "reader_p50_us": pct(&busy, 0.50),
+        "reader_p99_us": pct(&busy, 0.99),
+        "reader_max_us": pct(&busy, 1.0),
+        "baseline_reader_p99_us": pct(&baseline, 0.99),
+        "baseline_reader_max_us": pct(&baseline, 1.0),
     }));
 }
