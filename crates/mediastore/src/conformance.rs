@@ -669,6 +669,42 @@ pub async fn never_deletes_outside_roots<E: Engine>(e: &E) {
     assert!(f.gone(r).await);
 }
 
+/// A deletion that fails is reported, kept pending, and retried by the next
+/// sweep; nothing is lost.
+pub async fn failed_deletions_are_retried<E: Engine>(e: &E) {
+    let f = Fixture::new(e, None).await;
+    let p = f.file("sub/a.jpg");
+    let r = f.put(&p, OWNED, "s").await;
+    // Make the path unresolvable (a symlink loop where its directory was):
+    // the store cannot prove the file is inside its root, so it must not
+    // delete, but the condition may pass.
+    let aside = f.root.join("sub.aside");
+    fs::rename(f.root.join("sub"), &aside).unwrap();
+    std::os::unix::fs::symlink(f.root.join("sub"), f.root.join("sub")).unwrap();
+    let report = f.store.release_all("s").await.unwrap();
+    assert!(f.gone(r).await);
+    assert_eq!(report.files_deleted, 0);
+    assert_eq!(report.failures.len(), 1, "{report:?}");
+    assert!(report.failures[0].will_retry, "{report:?}");
+    assert_eq!(f.store.stats().await.unwrap().pending_deletions, 1);
+    assert!(aside.join("a.jpg").exists());
+
+    // Still failing: reported again, still pending.
+    let report = f.store.clean_expired().await.unwrap();
+    assert_eq!((report.retried, report.files_deleted), (1, 0));
+    assert_eq!(report.failures.len(), 1);
+    assert_eq!(f.store.stats().await.unwrap().pending_deletions, 1);
+
+    fs::remove_file(f.root.join("sub")).unwrap();
+    fs::rename(&aside, f.root.join("sub")).unwrap();
+    let report = f.store.clean_expired().await.unwrap();
+    assert_eq!((report.retried, report.files_deleted), (1, 1), "{report:?}");
+    assert_eq!(report.bytes_freed, "sub/a.jpg".len() as u64);
+    assert!(report.failures.is_empty());
+    assert!(!p.exists());
+    assert_eq!(f.store.stats().await.unwrap(), Default::default());
+}
+
 /// Spellings of one file share one count: `./`, `..`, relative, symlink and
 /// hard link. A forget_only ref under any spelling pins the file.
 pub async fn aliasing_shares_one_count<E: Engine>(e: &E) {
@@ -907,11 +943,13 @@ impl ManualClock {
 
 /// Expands to one `#[test]` per conformance scenario for an engine.
 ///
-/// ```ignore
+/// ```text
 /// struct Memory;
 /// impl mediastore::conformance::Engine for Memory { /* … */ }
 /// mediastore::conformance_tests!(Memory);
 /// ```
+///
+/// `crates/mediastore/tests/memory_conformance.rs` is the complete example.
 #[macro_export]
 macro_rules! conformance_tests {
     ($engine:expr) => {
@@ -930,6 +968,7 @@ macro_rules! conformance_tests {
             peer_23_mixed_concurrency, peer_24_scope_introspection,
             custody_retain_outlives_message, custody_holds_expire_separately,
             ownership_by_location, never_deletes_outside_roots,
+            failed_deletions_are_retried,
             aliasing_shares_one_count, replaced_and_vanished_files,
             bad_input_changes_nothing, release_store_race, cleaner_restart,
         );
