@@ -121,7 +121,15 @@ fn pool(dir: &Path, n: usize, bytes: usize) -> Vec<PathBuf> {
 }
 
 fn emit(v: serde_json::Value) {
-    println!("{v}");
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{v}").and_then(|()| out.flush()) {
+        // A reader that went away (`| head`) is not an error worth a panic.
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        panic!("writing results: {e}");
+    }
 }
 
 fn ratio(a: f64, b: f64) -> f64 {

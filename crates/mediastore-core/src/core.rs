@@ -430,6 +430,8 @@ impl RefShard {
         found
     }
 
+    #[cold]
+    #[inline(never)]
     fn intern_meta_slow(&mut self, meta: &MediaMeta, policy: CleanupPolicy) -> Arc<MediaMeta> {
         let hash = self.hasher.hash_one((
             &meta.filename,
@@ -549,6 +551,7 @@ impl Core {
         &self.files[self.file_shard_index(key)].0
     }
 
+    #[inline(never)]
     fn expiry_for(&self, overrides: &HashMap<Box<str>, Expiry>, scope: &str) -> Option<u64> {
         let mut expiry = overrides.get(scope).copied().unwrap_or_default();
         if expiry == Expiry::Default {

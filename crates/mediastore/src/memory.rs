@@ -128,6 +128,7 @@ impl MemoryStore {
     }
 
     fn store_sync(&self, path: &Path, meta: &MediaMeta, scope: &str) -> Result<MediaRef> {
+        // Checked before the stat so that a bad scope is reported as such.
         mediastore_core::validate_scope(scope)?;
         let mut attempts = 0;
         loop {
