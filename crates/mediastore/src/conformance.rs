@@ -807,9 +807,32 @@ pub async fn bad_input_changes_nothing<E: Engine>(e: &E) {
     assert_eq!(f.store.stats().await.unwrap(), Default::default());
 }
 
+/// Releases two threads within a few hundred nanoseconds of each other.
+///
+/// A `std::sync::Barrier` lets its last arrival run on while the other thread
+/// waits to be woken by the scheduler, so the two racing calls rarely overlap
+///.
+/// Spinning makes them start together; round `r` waits for count `2(r+1)`.
+fn spin_start(arrived: &AtomicU64, round: usize) {
+    arrived.fetch_add(1, Ordering::AcqRel);
+    let target = (round as u64 + 1) * 2;
+    let mut spins = 0u32;
+    while arrived.load(Ordering::Acquire) < target {
+        if spins < 1 << 14 {
+            spins += 1;
+            std::hint::spin_loop();
+        } else {
+            // The other thread is descheduled: stop burning its core.
+            std::thread::yield_now();
+        }
+    }
+}
+
 /// The seed's race: one thread drops a file's last ref while another stores
 /// the same file under another scope. A store that succeeds must leave a ref
 /// whose file exists; a store that loses the race must fail with not-found.
+/// Both calls start together; then, by rounds, one side or the other waits a
+/// little longer, sweeping their offset across any window an engine leaves.
 pub async fn release_store_race<E: Engine>(e: &E) {
     const ROUNDS: usize = 3000;
     let f = Arc::new(Fixture::new(e, None).await);
@@ -818,12 +841,14 @@ pub async fn release_store_race<E: Engine>(e: &E) {
     let lost = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::new();
     let barrier = Arc::new(std::sync::Barrier::new(2));
+    let start = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicBool::new(false));
     let files: Vec<PathBuf> = (0..8).map(|i| f.file(&format!("race{i}.jpg"))).collect();
     let files = Arc::new(files);
     for side in 0..2 {
         let (f, handle, barrier, files) =
             (f.clone(), handle.clone(), barrier.clone(), files.clone());
+        let start = start.clone();
         let (won, lost, failed) = (won.clone(), lost.clone(), failed.clone());
         threads.push(std::thread::spawn(move || {
             for round in 0..ROUNDS {
@@ -831,7 +856,12 @@ pub async fn release_store_race<E: Engine>(e: &E) {
                 if side == 0 {
                     handle.block_on(f.put(p, OWNED, &format!("a:{round}")));
                 }
-                barrier.wait();
+                spin_start(&start, round);
+                if side == (round / 64) % 2 {
+                    for _ in 0..(round % 64) * 4 {
+                        std::hint::spin_loop();
+                    }
+                }
                 if side == 0 {
                     handle
                         .block_on(f.store.release_all(&format!("a:{round}")))
