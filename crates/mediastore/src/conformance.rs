@@ -810,8 +810,7 @@ pub async fn bad_input_changes_nothing<E: Engine>(e: &E) {
 /// Releases two threads within a few hundred nanoseconds of each other.
 ///
 /// A `std::sync::Barrier` lets its last arrival run on while the other thread
-/// waits to be woken by the scheduler, so the two racing calls rarely overlap
-///.
+/// waits to be woken by the scheduler, so the two racing calls rarely overlap.
 /// Spinning makes them start together; round `r` waits for count `2(r+1)`.
 fn spin_start(arrived: &AtomicU64, round: usize) {
     arrived.fetch_add(1, Ordering::AcqRel);
