@@ -19,6 +19,8 @@ use crate::api::MediaStore;
 use crate::cleaner::{Cleaner, CleanerConfig};
 use crate::clock::ManualClock;
 
+pub mod seed_port;
+
 /// How a scenario wants its store.
 #[derive(Clone, Debug)]
 pub struct Setup {
