@@ -2,11 +2,14 @@
 //! line, each figure printed beside its floor or baseline from the same run.
 //!
 //! ```text
-//! mediastore-bench [all|turns|delete|memory|sweep] [--engine memory] [--quick]
+//! mediastore-bench [all|turns|delete|memory|sweep] [--engine memory|seed] [--quick]
 //! ```
 //!
 //! `all` runs every workload in a child process of its own, so that one
 //! workload's heap does not distort the next one's memory or timing.
+//! `--engine seed` runs the workloads on a faithful port of the Go seed
+//! (`mediastore::conformance::seed_port`); runs of the memory engine also
+//! time that port in the same run, as a baseline.
 
 use std::fs;
 use std::future::Future;
@@ -18,18 +21,36 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use mediastore::{CleanupPolicy, ManualClock, MediaMeta, MediaRef, MediaStore, MemoryStore};
+use mediastore::conformance::seed_port::SeedStore;
+use mediastore::{
+    CleanupPolicy, ManualClock, MediaMeta, MediaRef, MediaStore, MemoryStore, SystemClock,
+};
 use serde_json::json;
 
 const WORKLOADS: [&str; 4] = ["turns", "delete", "memory", "sweep"];
-/// The seed's fastest sweep of 500k expired out of 1M refs (DESIGN.md §6).
-const SEED_SWEEP_MS: f64 = 630.0;
-/// The seed's memory per live ref (DESIGN.md §6).
+/// The Go seed's memory per live ref (DESIGN.md §6).
 const SEED_BYTES_PER_REF: f64 = 977.0;
+
+/// Which store a run measures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    Memory,
+    /// The port of the Go seed, defects included.
+    Seed,
+}
+
+impl Engine {
+    fn name(self) -> &'static str {
+        match self {
+            Engine::Memory => "memory",
+            Engine::Seed => "seed",
+        }
+    }
+}
 
 struct Args {
     workload: String,
-    engine: String,
+    engine: Engine,
     /// Divides every count by 100: a smoke run for CI, not a measurement.
     quick: bool,
 }
@@ -37,29 +58,33 @@ struct Args {
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         workload: "all".into(),
-        engine: "memory".into(),
+        engine: Engine::Memory,
         quick: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
-            "--engine" => args.engine = it.next().ok_or("--engine needs a value")?,
+            "--engine" => {
+                args.engine = match it.next().as_deref() {
+                    Some("memory") => Engine::Memory,
+                    Some("seed") => Engine::Seed,
+                    other => {
+                        return Err(format!(
+                            "unknown engine {other:?}; this build has: memory, seed"
+                        ));
+                    }
+                }
+            }
             "--quick" => args.quick = true,
             "-h" | "--help" => {
                 return Err(
-                    "usage: mediastore-bench [all|turns|delete|memory|sweep] [--engine memory] [--quick]"
+                    "usage: mediastore-bench [all|turns|delete|memory|sweep] [--engine memory|seed] [--quick]"
                         .into(),
                 );
             }
             w if w == "all" || WORKLOADS.contains(&w) => args.workload = w.into(),
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }
-    }
-    if args.engine != "memory" {
-        return Err(format!(
-            "unknown engine {:?}; this build has: memory",
-            args.engine
-        ));
     }
     Ok(args)
 }
@@ -76,7 +101,7 @@ fn main() -> ExitCode {
         let exe = std::env::current_exe().expect("own path");
         for w in WORKLOADS {
             let mut cmd = Command::new(&exe);
-            cmd.arg(w).arg("--engine").arg(&args.engine);
+            cmd.arg(w).arg("--engine").arg(args.engine.name());
             if args.quick {
                 cmd.arg("--quick");
             }
@@ -89,11 +114,23 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     let scale = if args.quick { 100 } else { 1 };
-    match args.workload.as_str() {
-        "turns" => turns(&args.engine, scale),
-        "delete" => delete(&args.engine, scale),
-        "memory" => memory(&args.engine, scale),
-        "sweep" => sweep(&args.engine, scale),
+    let e = args.engine;
+    let seed = || SeedStore::new(None, SystemClock);
+    match (args.workload.as_str(), e) {
+        ("turns", Engine::Memory) => turns(e, scale, &memory_store(None), Some(&seed())),
+        ("turns", Engine::Seed) => turns(e, scale, &seed(), None::<&SeedStore>),
+        ("delete", Engine::Memory) => {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let ours = memory_store(Some(dir.path()));
+            delete(e, scale, dir.path(), &ours, Some(&seed()));
+        }
+        ("delete", Engine::Seed) => {
+            let dir = tempfile::tempdir().expect("tempdir");
+            delete(e, scale, dir.path(), &seed(), None::<&SeedStore>);
+        }
+        ("memory", Engine::Memory) => memory(e, scale, &memory_store(None)),
+        ("memory", Engine::Seed) => memory(e, scale, &seed()),
+        ("sweep", _) => sweep(e, scale),
         _ => unreachable!("validated"),
     }
     ExitCode::SUCCESS
@@ -108,6 +145,14 @@ fn ready<F: Future>(fut: F) -> F::Output {
         Poll::Ready(v) => v,
         Poll::Pending => panic!("memory engine future was not ready"),
     }
+}
+
+fn memory_store(owned_root: Option<&Path>) -> MemoryStore {
+    let mut b = MemoryStore::builder();
+    if let Some(root) = owned_root {
+        b = b.owned_root(root);
+    }
+    b.build().expect("store")
 }
 
 fn pool(dir: &Path, n: usize, bytes: usize) -> Vec<PathBuf> {
@@ -183,14 +228,13 @@ fn interleaved(total: usize, jobs: &[Job<'_>]) -> Vec<f64> {
         .collect()
 }
 
-fn turns(engine: &str, scale: usize) {
+fn turns<S: MediaStore, B: MediaStore>(engine: Engine, scale: usize, store: &S, seed: Option<&B>) {
     const TURNS: usize = 200_000;
     let total = TURNS / scale;
     let dir = tempfile::tempdir().expect("tempdir");
     let files = pool(dir.path(), 1024, 1);
     let meta =
         MediaMeta::new("a.jpg", "image/jpeg", "telegram").with_policy(CleanupPolicy::ForgetOnly);
-    let store = MemoryStore::builder().build().expect("store");
     let pick = |t: usize, i: usize, k: usize| &files[(t * 512 + i * 4 + k) % files.len()];
     let floor = |t: usize, first: usize, n: usize| {
         for i in first..first + n {
@@ -199,32 +243,47 @@ fn turns(engine: &str, scale: usize) {
             }
         }
     };
-    let work = |t: usize, first: usize, n: usize| turn_loop(&store, &meta, t, first, n, &pick);
+    let work = |t: usize, first: usize, n: usize| turn_loop(store, &meta, t, first, n, &pick);
+    let base = |t: usize, first: usize, n: usize| {
+        if let Some(seed) = seed {
+            turn_loop(seed, &meta, t, first, n, &pick);
+        }
+    };
     // Warm up the allocator, the caches and the store's tables.
     run_threads(1, 0, total / 10, &|_, first, n| {
-        turn_loop(&store, &meta, 100, first, n, &pick)
+        turn_loop(store, &meta, 100, first, n, &pick)
     });
     let many = threads_per_core();
-    let rates = interleaved(
-        total,
-        &[(1, &floor), (1, &work), (many, &floor), (many, &work)],
-    );
-    for (threads, floor, rate) in [(1, rates[0], rates[1]), (many, rates[2], rates[3])] {
+    let mut jobs: Vec<Job<'_>> = vec![(1, &floor), (1, &work), (many, &floor), (many, &work)];
+    if seed.is_some() {
+        jobs.extend([
+            (1, &base as &(dyn Fn(usize, usize, usize) + Sync)),
+            (many, &base),
+        ]);
+    }
+    let rates = interleaved(total, &jobs);
+    for (i, threads) in [1, many].into_iter().enumerate() {
+        let (floor, rate) = (rates[2 * i], rates[2 * i + 1]);
         let mut line = json!({
-            "bench": "turns", "engine": engine, "threads": threads, "turns": total,
+            "bench": "turns", "engine": engine.name(), "threads": threads, "turns": total,
             "turns_per_s": rate.round(), "floor_turns_per_s": floor.round(),
             "ratio_to_floor": ratio(rate, floor),
         });
         if threads > 1 {
             line["ratio_to_1_thread"] = json!(ratio(rate, rates[1]));
         }
+        if seed.is_some() {
+            let seed_rate = rates[4 + i];
+            line["seed_port_turns_per_s"] = json!(seed_rate.round());
+            line["ratio_to_seed_port"] = json!(ratio(rate, seed_rate));
+        }
         emit(line);
     }
 }
 
 /// `n` turns of thread `t`, numbered from `first` (scopes stay unique).
-fn turn_loop<'a>(
-    store: &MemoryStore,
+fn turn_loop<'a, S: MediaStore>(
+    store: &S,
     meta: &MediaMeta,
     t: usize,
     first: usize,
@@ -246,20 +305,19 @@ fn turn_loop<'a>(
     }
 }
 
-fn delete(engine: &str, scale: usize) {
+fn delete<S: MediaStore, B: MediaStore>(
+    engine: Engine,
+    scale: usize,
+    dir: &Path,
+    store: &S,
+    seed: Option<&B>,
+) {
     const TURNS: usize = 20_000;
     let total = TURNS / scale;
-    let dir = tempfile::tempdir().expect("tempdir");
     let data = vec![b'x'; 4096];
     let meta = MediaMeta::new("a.jpg", "image/jpeg", "telegram")
         .with_policy(CleanupPolicy::DeleteOnCleanup);
-    let names: Vec<PathBuf> = (0..4)
-        .map(|k| dir.path().join(format!("d{k}.jpg")))
-        .collect();
-    let store = MemoryStore::builder()
-        .owned_root(dir.path())
-        .build()
-        .expect("store");
+    let names: Vec<PathBuf> = (0..4).map(|k| dir.join(format!("d{k}.jpg"))).collect();
     let floor = |_: usize, first: usize, n: usize| {
         for _ in first..first + n {
             for p in &names {
@@ -271,7 +329,7 @@ fn delete(engine: &str, scale: usize) {
             }
         }
     };
-    let work = |_: usize, first: usize, n: usize| {
+    let turns_on = |store: &dyn Fn(&Path, &str), release: &dyn Fn(&str), first: usize, n: usize| {
         let mut scope = String::new();
         for i in first..first + n {
             for p in &names {
@@ -281,19 +339,55 @@ fn delete(engine: &str, scale: usize) {
             scope.clear();
             write!(scope, "chat:0:msg:{i}").expect("format");
             for p in &names {
-                ready(store.store(p, &meta, &scope)).expect("store");
+                store(p, &scope);
             }
-            let report = ready(store.release_all(&scope)).expect("release");
-            assert_eq!(report.files_deleted, 4, "{report:?}");
+            release(&scope);
+            debug_assert!(names.iter().all(|p| !p.exists()));
+        }
+    };
+    let work = |_: usize, first: usize, n: usize| {
+        turns_on(
+            &|p, scope| {
+                ready(store.store(p, &meta, scope)).expect("store");
+            },
+            &|scope| {
+                let report = ready(store.release_all(scope)).expect("release");
+                assert_eq!(report.files_deleted, 4, "{report:?}");
+            },
+            first,
+            n,
+        )
+    };
+    let base = |_: usize, first: usize, n: usize| {
+        if let Some(seed) = seed {
+            turns_on(
+                &|p, scope| {
+                    ready(seed.store(p, &meta, scope)).expect("store");
+                },
+                &|scope| {
+                    ready(seed.release_all(scope)).expect("release");
+                },
+                first,
+                n,
+            )
         }
     };
     run_threads(1, 0, total / 10, &work);
-    let rates = interleaved(total, &[(1, &floor), (1, &work)]);
-    emit(json!({
-        "bench": "delete", "engine": engine, "threads": 1, "turns": total,
+    let mut jobs: Vec<Job<'_>> = vec![(1, &floor), (1, &work)];
+    if seed.is_some() {
+        jobs.push((1, &base));
+    }
+    let rates = interleaved(total, &jobs);
+    let mut line = json!({
+        "bench": "delete", "engine": engine.name(), "threads": 1, "turns": total,
         "turns_per_s": rates[1].round(), "floor_turns_per_s": rates[0].round(),
         "ratio_to_floor": ratio(rates[1], rates[0]),
-    }));
+    });
+    if seed.is_some() {
+        line["seed_port_turns_per_s"] = json!(rates[2].round());
+        line["ratio_to_seed_port"] = json!(ratio(rates[1], rates[2]));
+    }
+    emit(line);
 }
 
 fn rss_bytes() -> u64 {
@@ -306,10 +400,10 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
-/// 1M live refs over the 1024-file pool, 10 per scope. `clock_for` lets the
-/// sweep workload date each ref.
-fn fill(
-    store: &MemoryStore,
+/// `refs` live refs over the 1024-file pool, 10 per scope. `before(i)` runs
+/// before the i-th store (the sweep workload dates refs with it).
+fn fill<S: MediaStore>(
+    store: &S,
     files: &[PathBuf],
     refs: usize,
     mut before: impl FnMut(usize),
@@ -330,41 +424,51 @@ fn fill(
     out
 }
 
-fn memory(engine: &str, scale: usize) {
+fn memory<S: MediaStore>(engine: Engine, scale: usize, store: &S) {
     let refs = 1_000_000 / scale;
     let dir = tempfile::tempdir().expect("tempdir");
     let files = pool(dir.path(), 1024, 1);
-    let store = MemoryStore::builder().build().expect("store");
     let before = rss_bytes();
-    let ids = fill(&store, &files, refs, |_| {});
+    let ids = fill(store, &files, refs, |_| {});
     // The bench's own list of refs is not part of the store's footprint.
     let ids_bytes = (ids.capacity() * std::mem::size_of::<MediaRef>()) as u64;
     let after = rss_bytes();
     let per_ref = (after.saturating_sub(before).saturating_sub(ids_bytes)) as f64 / refs as f64;
     emit(json!({
-        "bench": "memory", "engine": engine, "refs": refs,
-        "bytes_per_ref": per_ref.round(), "seed_bytes_per_ref": SEED_BYTES_PER_REF,
-        "ratio_to_seed": ratio(per_ref, SEED_BYTES_PER_REF),
+        "bench": "memory", "engine": engine.name(), "refs": refs,
+        "bytes_per_ref": per_ref.round(), "go_seed_bytes_per_ref": SEED_BYTES_PER_REF,
+        "ratio_to_go_seed": ratio(per_ref, SEED_BYTES_PER_REF),
     }));
-    std::hint::black_box(&store);
 }
 
-fn sweep(engine: &str, scale: usize) {
-    let refs = 1_000_000 / scale;
+/// What one sweep under a concurrent reader measured.
+struct Swept {
+    expired: u64,
+    sweep_ms: f64,
+    /// Reader latencies (ns), sorted: while the other thread only spins, and
+    /// during the sweep.
+    baseline: Vec<u64>,
+    busy: Vec<u64>,
+}
+
+fn pct(lat: &[u64], p: f64) -> f64 {
+    let us = lat
+        .get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+        .map_or(0.0, |&ns| ns as f64 / 1000.0);
+    (us * 100.0).round() / 100.0
+}
+
+/// Fills a store with `refs` refs, half of them older than the max age,
+/// then sweeps once while another thread resolves random live refs.
+fn sweep_once<S: MediaStore>(refs: usize, make: impl FnOnce(ManualClock, Duration) -> S) -> Swept {
     let max_age = Duration::from_secs(600);
     let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     let dir = tempfile::tempdir().expect("tempdir");
     let files = pool(dir.path(), 1024, 1);
     let clock = ManualClock::new(t0);
-    let store = Arc::new(
-        MemoryStore::builder()
-            .max_age(max_age)
-            .clock(clock.clone())
-            .build()
-            .expect("store"),
-    );
+    let store = Arc::new(make(clock.clone(), max_age));
     // Within each scope of 10, the first 5 refs are old and the last 5 fresh.
-    let ids = fill(&store, &files, refs, |i| {
+    let ids = fill(&*store, &files, refs, |i| {
         clock.set(if i % 10 < 5 { t0 } else { t0 + max_age });
     });
     clock.set(t0 + max_age + Duration::from_secs(1));
@@ -374,6 +478,7 @@ fn sweep(engine: &str, scale: usize) {
         .filter(|(i, _)| i % 10 >= 5)
         .map(|(_, r)| *r)
         .collect();
+    drop(ids);
     // Phases of the reader: 0 warm up, 1 record while this thread burns CPU
     // without touching the store (the baseline: what the host does to a
     // reader when both CPUs are busy), 2 record during the sweep, 3 stop.
@@ -407,10 +512,12 @@ fn sweep(engine: &str, scale: usize) {
                     }
                 }
             }
-            let [mut idle, mut busy] = lat;
-            idle.truncate(n[0]);
+            let [mut baseline, mut busy] = lat;
+            baseline.truncate(n[0]);
             busy.truncate(n[1]);
-            (idle, busy)
+            baseline.sort_unstable();
+            busy.sort_unstable();
+            (baseline, busy)
         })
     };
     std::thread::sleep(Duration::from_millis(50));
@@ -424,24 +531,45 @@ fn sweep(engine: &str, scale: usize) {
     let report = ready(store.clean_expired()).expect("sweep");
     let sweep_ms = start.elapsed().as_secs_f64() * 1000.0;
     phase.store(3, Ordering::Release);
-    let (mut baseline, mut busy) = reader.join().expect("reader");
-    baseline.sort_unstable();
-    busy.sort_unstable();
-    let pct = |lat: &[u64], p: f64| {
-        let us = lat
-            .get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .map_or(0.0, |&ns| ns as f64 / 1000.0);
-        (us * 100.0).round() / 100.0
+    let (baseline, busy) = reader.join().expect("reader");
+    Swept {
+        expired: report.refs_expired,
+        sweep_ms,
+        baseline,
+        busy,
+    }
+}
+
+fn sweep(engine: Engine, scale: usize) {
+    let refs = 1_000_000 / scale;
+    let seed = |clock: ManualClock, max_age| SeedStore::new(Some(max_age), clock);
+    let ours = match engine {
+        Engine::Memory => sweep_once(refs, |clock, max_age| {
+            MemoryStore::builder()
+                .max_age(max_age)
+                .clock(clock)
+                .build()
+                .expect("store")
+        }),
+        Engine::Seed => sweep_once(refs, seed),
     };
-    emit(json!({
-        "bench": "sweep", "engine": engine, "refs": refs, "expired": report.refs_expired,
-        "sweep_ms": (sweep_ms * 10.0).round() / 10.0,
-        "seed_sweep_ms": SEED_SWEEP_MS, "speedup_vs_seed": ratio(SEED_SWEEP_MS, sweep_ms),
-        "reader_samples": busy.len(),
-        "reader_p50_us": pct(&busy, 0.50),
-        "reader_p99_us": pct(&busy, 0.99),
-        "reader_max_us": pct(&busy, 1.0),
-        "baseline_reader_p99_us": pct(&baseline, 0.99),
-        "baseline_reader_max_us": pct(&baseline, 1.0),
-    }));
+    let ms = |m: f64| (m * 10.0).round() / 10.0;
+    let mut line = json!({
+        "bench": "sweep", "engine": engine.name(), "refs": refs, "expired": ours.expired,
+        "sweep_ms": ms(ours.sweep_ms),
+        "reader_samples": ours.busy.len(),
+        "reader_p50_us": pct(&ours.busy, 0.50),
+        "reader_p99_us": pct(&ours.busy, 0.99),
+        "reader_max_us": pct(&ours.busy, 1.0),
+        "baseline_reader_p99_us": pct(&ours.baseline, 0.99),
+        "baseline_reader_max_us": pct(&ours.baseline, 1.0),
+    });
+    if engine == Engine::Memory {
+        let base = sweep_once(refs, seed);
+        assert_eq!(base.expired, ours.expired, "same workload on both engines");
+        line["seed_port_sweep_ms"] = json!(ms(base.sweep_ms));
+        line["speedup_vs_seed_port"] = json!(ratio(base.sweep_ms, ours.sweep_ms));
+        line["seed_port_reader_max_us"] = json!(pct(&base.busy, 1.0));
+    }
+    emit(line);
 }
