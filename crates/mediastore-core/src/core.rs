@@ -568,20 +568,26 @@ impl Core {
         }
     }
 
+    /// The scope's record, created if needed, with the partition's deadline
+    /// index (borrowed apart so the caller can reindex the record).
     fn scope_rec<'p>(
         &self,
-        map: &'p mut ScopeTable,
-        overrides: &HashMap<Box<str>, Expiry>,
-        next_seq: &mut u64,
+        part: &'p mut ScopePart,
         hash: u64,
         scope: &str,
-    ) -> &'p mut ScopeRec {
+    ) -> (&'p mut ScopeRec, &'p mut BTreeMap<(u64, u64), ScopeName>) {
+        let ScopePart {
+            map,
+            deadlines,
+            overrides,
+            next_seq,
+        } = part;
         if map.get(hash, scope).is_some() {
-            return map.get_mut(hash, scope).expect("present");
+            return (map.get_mut(hash, scope).expect("present"), deadlines);
         }
         let max_age = self.expiry_for(overrides, scope);
         *next_seq += 1;
-        map.insert(ScopeRec {
+        let rec = map.insert(ScopeRec {
             name: Arc::from(scope),
             hash,
             holds: VecDeque::new(),
@@ -589,7 +595,8 @@ impl Core {
             max_age,
             indexed: None,
             seq: *next_seq,
-        })
+        });
+        (rec, deadlines)
     }
 
     /// Records a new ref to a file under a scope.
@@ -602,14 +609,7 @@ impl Core {
         let shard_no = ref_shard(reg.id);
         let (part, hash) = self.part(reg.scope);
         let mut part = part.lock();
-        let part = &mut *part;
-        let rec = self.scope_rec(
-            &mut part.map,
-            &part.overrides,
-            &mut part.next_seq,
-            hash,
-            reg.scope,
-        );
+        let (rec, deadlines) = self.scope_rec(&mut part, hash, reg.scope);
         let name = rec.name.clone();
         let inserted = {
             let mut shard = self.refs[shard_no].0.write();
@@ -649,7 +649,7 @@ impl Core {
                     handle,
                     made_at: now.0,
                 });
-                reindex(&mut part.deadlines, rec);
+                reindex(deadlines, rec);
                 Ok(())
             }
             Err(e) => {
@@ -733,14 +733,7 @@ impl Core {
         let shard_no = ref_shard(id);
         let (part, hash) = self.part(scope);
         let mut part = part.lock();
-        let part = &mut *part;
-        let rec = self.scope_rec(
-            &mut part.map,
-            &part.overrides,
-            &mut part.next_seq,
-            hash,
-            scope,
-        );
+        let (rec, deadlines) = self.scope_rec(&mut part, hash, scope);
         let mut shard = self.refs[shard_no].0.write();
         let Some(slot) = shard.find(id) else {
             drop(shard);
@@ -769,7 +762,7 @@ impl Core {
         };
         drop(shard);
         rec.insert_sorted(Hold { handle, made_at });
-        reindex(&mut part.deadlines, rec);
+        reindex(deadlines, rec);
         Ok(())
     }
 
