@@ -347,6 +347,12 @@ impl ScopeRec {
     }
 }
 
+thread_local! {
+    /// The metadata this thread registered last (see `intern_meta`).
+    static LAST_META: std::cell::RefCell<Option<Arc<MediaMeta>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Takes a read lock, spinning briefly before blocking. Writers hold a ref
 /// shard for at most a run of [`RUN`] operations (microseconds); a reader
 /// that parks instead lets its CPU go idle, and waking an idle virtual CPU
@@ -422,11 +428,19 @@ impl RefShard {
                 && m.content_type == meta.content_type
                 && m.source == meta.source
         };
-        if let Some(last) = self.last_meta.as_ref().filter(|m| same(m)) {
-            return last.clone();
+        // The thread's last metadata first: consecutive registrations from
+        // one thread usually repeat it, and its lines are then hot, whereas
+        // each shard's own copy would be cold.
+        let hit = LAST_META.with(|last| last.borrow().as_ref().filter(|m| same(m)).cloned());
+        if let Some(hit) = hit {
+            return hit;
         }
-        let found = self.intern_meta_slow(meta, policy);
+        let found = match self.last_meta.as_ref().filter(|m| same(m)) {
+            Some(last) => last.clone(),
+            None => self.intern_meta_slow(meta, policy),
+        };
         self.last_meta = Some(found.clone());
+        LAST_META.with(|last| *last.borrow_mut() = Some(found.clone()));
         found
     }
 
