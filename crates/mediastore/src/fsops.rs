@@ -5,8 +5,12 @@ use std::fs::{self, Metadata};
 use std::io;
 use std::path::{Path, PathBuf};
 
+use std::os::fd::{AsFd, OwnedFd};
+
 use mediastore_core::{CleanupPolicy, Deletion, Error, FileKey, Result};
 use parking_lot::RwLock;
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags, StatxFlags};
+use rustix::io::Errno;
 
 /// Identity of a file from its metadata.
 #[cfg(unix)]
@@ -68,6 +72,8 @@ pub fn stat_for_store(path: &Path) -> Result<Statted> {
 /// swapped for a symlink after registration.
 pub struct OwnedRoots {
     roots: Vec<PathBuf>,
+    /// An `O_PATH` descriptor of each root, the anchor of every deletion.
+    fds: Vec<OwnedFd>,
     /// Caller's absolute parent directory → is it under a root.
     dirs: RwLock<std::collections::HashMap<PathBuf, bool>>,
 }
@@ -78,6 +84,7 @@ impl OwnedRoots {
     /// Canonicalises each root; a root that does not exist is a config error.
     pub fn new(roots: &[PathBuf]) -> Result<Self> {
         let mut canon = Vec::with_capacity(roots.len());
+        let mut fds = Vec::with_capacity(roots.len());
         for r in roots {
             let c = fs::canonicalize(r)
                 .map_err(|e| Error::InvalidConfig(format!("owned root {}: {e}", r.display())))?;
@@ -87,9 +94,17 @@ impl OwnedRoots {
                     r.display()
                 )));
             }
+            let fd = rustix::fs::open(
+                &c,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| Error::InvalidConfig(format!("owned root {}: {e}", r.display())))?;
+            fds.push(fd);
             canon.push(c);
         }
         Ok(Self {
+            fds,
             roots: canon,
             dirs: RwLock::new(Default::default()),
         })
@@ -179,69 +194,162 @@ pub enum Deleted {
     },
 }
 
-/// Deletes a file the core handed out: every registered spelling is
-/// canonicalised, checked to lie under an owned root, checked to still be
-/// the same file (device + inode), and only then unlinked. A spelling that
-/// now names another file (replaced behind the store's back) is left alone.
-pub fn delete_file(d: &Deletion, roots: &OwnedRoots) -> Deleted {
-    let mut files = 0;
-    let mut bytes = 0;
-    let mut seen: Vec<PathBuf> = Vec::with_capacity(1);
-    for spelling in &d.paths {
-        let canon = match fs::canonicalize(spelling) {
-            Ok(c) => c,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                return Deleted::Failed {
-                    path: spelling.to_path_buf(),
-                    error: e.to_string(),
-                    retry: true,
-                };
+/// What one attempt on one spelling found.
+enum Unlink {
+    /// Unlinked; the file's size.
+    Removed(u64),
+    /// Nothing to do here: gone already, or the name now holds another file.
+    NotThere,
+    /// Could not be done; the reason, and whether a retry may help.
+    Failed(PathBuf, String, bool),
+}
+
+impl OwnedRoots {
+    /// Unlinks `spelling` through the descriptor of the owned root it lies
+    /// under: the parent is resolved by `openat2(RESOLVE_BENEATH)`, which the
+    /// kernel refuses to let escape the root (a directory swapped for a
+    /// symlink after registration included), and the name is checked and
+    /// unlinked relative to that directory, so nothing can be swapped under
+    /// the checked path either. Three one-component lookups instead of
+    /// canonicalising the whole path. `None`: this spelling needs the
+    /// canonicalising path (relative, outside the roots' canonical
+    /// spelling, a symlink itself, or a kernel without `openat2`).
+    fn unlink_beneath(&self, spelling: &Path, want: FileKey) -> Option<Unlink> {
+        let (fd, rel) = self
+            .roots
+            .iter()
+            .zip(&self.fds)
+            .find_map(|(root, fd)| Some((fd, spelling.strip_prefix(root).ok()?)))?;
+        let name = rel.file_name()?;
+        let parent = rel.parent().filter(|p| !p.as_os_str().is_empty());
+        let fail = |e: rustix::io::Errno, retry| {
+            Unlink::Failed(
+                spelling.to_path_buf(),
+                io::Error::from(e).to_string(),
+                retry,
+            )
+        };
+        let opened;
+        let dir = match parent {
+            None => fd.as_fd(),
+            Some(parent) => {
+                match rustix::fs::openat2(
+                    fd,
+                    parent,
+                    OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                    Mode::empty(),
+                    ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+                ) {
+                    Ok(d) => {
+                        opened = d;
+                        opened.as_fd()
+                    }
+                    // EXDEV: the walk met an absolute symlink or would leave
+                    // the root. Either may still end inside a root; the
+                    // canonicalising path decides (and refuses an escape).
+                    Err(Errno::NOSYS | Errno::XDEV) => return None,
+                    Err(Errno::NOENT | Errno::NOTDIR) => return Some(Unlink::NotThere),
+                    Err(e) => return Some(fail(e, true)),
+                }
             }
         };
-        if seen.contains(&canon) {
-            continue;
+        let st = match rustix::fs::statx(
+            dir,
+            name,
+            AtFlags::SYMLINK_NOFOLLOW,
+            StatxFlags::BASIC_STATS | StatxFlags::BTIME,
+        ) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => return Some(Unlink::NotThere),
+            Err(Errno::NOSYS) => return None,
+            Err(e) => return Some(fail(e, true)),
+        };
+        if u32::from(st.stx_mode) & 0o170000 == 0o120000 {
+            return None;
         }
-        if !roots.contains_canonical(&canon) {
-            return Deleted::Failed {
-                path: canon,
-                error: "resolves outside every owned root; not deleted".into(),
-                retry: false,
-            };
+        let born = if st.stx_mask & StatxFlags::BTIME.bits() != 0 && st.stx_btime.tv_sec >= 0 {
+            (st.stx_btime.tv_sec as u64)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(u64::from(st.stx_btime.tv_nsec))
+        } else {
+            0
+        };
+        let key = FileKey {
+            dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+            ino: st.stx_ino,
+            born,
+        };
+        if key != want {
+            tracing::info!(path = %spelling.display(), "file was replaced since registration; left in place");
+            return Some(Unlink::NotThere);
+        }
+        match rustix::fs::unlinkat(dir, name, AtFlags::empty()) {
+            Ok(()) => Some(Unlink::Removed(st.stx_size)),
+            Err(Errno::NOENT) => Some(Unlink::NotThere),
+            Err(e) => Some(fail(e, true)),
+        }
+    }
+
+    /// The canonicalising path: resolve the whole spelling, check it lies
+    /// under a root and is still the same file, unlink it.
+    fn unlink_canonical(&self, spelling: &Path, want: FileKey, seen: &mut Vec<PathBuf>) -> Unlink {
+        let canon = match fs::canonicalize(spelling) {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Unlink::NotThere,
+            Err(e) => return Unlink::Failed(spelling.to_path_buf(), e.to_string(), true),
+        };
+        if seen.contains(&canon) {
+            return Unlink::NotThere;
+        }
+        if !self.contains_canonical(&canon) {
+            return Unlink::Failed(
+                canon,
+                "resolves outside every owned root; not deleted".into(),
+                false,
+            );
         }
         let meta = match fs::symlink_metadata(&canon) {
             Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => {
-                return Deleted::Failed {
-                    path: canon,
-                    error: e.to_string(),
-                    retry: true,
-                };
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Unlink::NotThere,
+            Err(e) => return Unlink::Failed(canon, e.to_string(), true),
         };
-        if file_key(&meta) != d.file {
+        if file_key(&meta) != want {
             tracing::info!(path = %canon.display(), "file was replaced since registration; left in place");
-            continue;
+            return Unlink::NotThere;
         }
-        match fs::remove_file(&canon) {
-            Ok(()) => {
-                files += 1;
-                bytes = meta.len();
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Deleted::Failed {
-                    path: canon,
-                    error: e.to_string(),
-                    retry: true,
-                };
-            }
-        }
+        let result = match fs::remove_file(&canon) {
+            Ok(()) => Unlink::Removed(meta.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Unlink::NotThere,
+            Err(e) => Unlink::Failed(canon.clone(), e.to_string(), true),
+        };
         seen.push(canon);
+        result
     }
-    Deleted::Done {
-        files: files.min(1),
-        bytes,
+}
+
+/// Deletes a file the core handed out: every registered spelling is
+/// unlinked if it lies under an owned root and still names the same file
+/// (device, inode, birth time); a spelling that now names another file
+/// (replaced behind the store's back) is left alone, and so is a symlink
+/// spelling (it is not the file; its target is one of the other spellings,
+/// or is resolved through it).
+pub fn delete_file(d: &Deletion, roots: &OwnedRoots) -> Deleted {
+    let mut files = 0;
+    let mut bytes = 0;
+    let mut seen: Vec<PathBuf> = Vec::new();
+    for spelling in &d.paths {
+        let outcome = match roots.unlink_beneath(spelling, d.file) {
+            Some(o) => o,
+            None => roots.unlink_canonical(spelling, d.file, &mut seen),
+        };
+        match outcome {
+            Unlink::Removed(size) => {
+                files = 1;
+                bytes = size;
+            }
+            Unlink::NotThere => {}
+            Unlink::Failed(path, error, retry) => return Deleted::Failed { path, error, retry },
+        }
     }
+    Deleted::Done { files, bytes }
 }
