@@ -45,8 +45,9 @@ struct Running {
 /// Starting twice runs one sweeper; stopping twice is fine; stopping (or
 /// dropping the handle) waits for a sweep in progress to finish, so nothing
 /// is deleted after `stop` returns. The sweeps run on a dedicated thread;
-/// inside a tokio runtime they are driven through the runtime's handle, so
-/// engines that need its I/O drivers work.
+/// started inside a multi-thread tokio runtime they are driven through that
+/// runtime, so engines that need its I/O drivers work; otherwise through a
+/// private current-thread runtime.
 pub struct Cleaner<S: MediaStore> {
     store: Arc<S>,
     config: CleanerConfig,
@@ -87,7 +88,13 @@ impl<S: MediaStore> Cleaner<S> {
         let signal = Arc::new(Signal::default());
         let store = self.store.clone();
         let interval = self.config.interval;
-        let runtime = tokio::runtime::Handle::try_current().ok();
+        // A multi-thread runtime drives its I/O and timers from its own
+        // workers, so the sweeper can borrow it. A current-thread runtime
+        // only makes progress on its own thread, which may be the one
+        // blocked in `stop`; the sweeper then builds a private runtime.
+        let runtime = tokio::runtime::Handle::try_current()
+            .ok()
+            .filter(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let thread_signal = signal.clone();
         let thread = std::thread::Builder::new()
             .name("mediastore-cleaner".into())
@@ -135,7 +142,10 @@ fn sweep_loop<S: MediaStore>(
     // Outside a runtime, a private current-thread one drives the futures.
     let own = match runtime {
         Some(_) => None,
-        None => match tokio::runtime::Builder::new_current_thread().build() {
+        None => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             Ok(rt) => Some(rt),
             Err(e) => {
                 tracing::error!(error = %e, "media cleaner could not build a runtime");

@@ -166,3 +166,15 @@ async fn works_inside_a_runtime() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn works_inside_a_current_thread_runtime() {
+    let store = slow_store();
+    let cleaner = Cleaner::new(store.clone(), FAST);
+    cleaner.start().unwrap();
+    // Block this runtime's only thread while the sweeper runs: it must not
+    // depend on this thread to make progress.
+    wait_for_sweep_to_start(&store);
+    cleaner.stop();
+    assert!(store.finished.load(Ordering::SeqCst) >= 1);
+}
