@@ -678,12 +678,17 @@ impl Core {
     /// Bumps the file's count (creating its record) and interns the spelling.
     fn count_file(&self, reg: &Registration<'_>) -> Result<Arc<Path>> {
         let mut shard = self.file_shard(&reg.file).lock();
-        if shard.last_delete > reg.ticket {
+        let FileShard {
+            map,
+            failed,
+            last_delete,
+        } = &mut *shard;
+        if *last_delete > reg.ticket {
             return Err(Error::Conflict(
                 "a file was deleted while this one was being registered",
             ));
         }
-        let rec = shard.map.entry(reg.file).or_insert_with(|| FileRec {
+        let rec = map.entry(reg.file).or_insert_with(|| FileRec {
             count: 0,
             pinned: false,
             state: FileState::Live,
@@ -706,11 +711,10 @@ impl Core {
                 rec.state = FileState::Live;
                 rec.count = 0;
                 let key = reg.file;
-                shard.failed.retain(|k| *k != key);
+                failed.retain(|k| *k != key);
             }
             FileState::Live => {}
         }
-        let rec = shard.map.get_mut(&reg.file).expect("present");
         if rec.count == 0 {
             rec.pinned = false;
         }
