@@ -248,8 +248,16 @@ impl ScopeTable {
         Some(entry.remove().0)
     }
 
-    fn insert(&mut self, rec: ScopeRec) -> &mut ScopeRec {
-        self.0.insert_unique(rec.hash, rec, |r| r.hash).into_mut()
+    fn get_or_insert_with(
+        &mut self,
+        hash: u64,
+        name: &str,
+        make: impl FnOnce() -> ScopeRec,
+    ) -> &mut ScopeRec {
+        self.0
+            .entry(hash, |r| &*r.name == name, |r| r.hash)
+            .or_insert_with(make)
+            .into_mut()
     }
 
     fn len(&self) -> usize {
@@ -596,19 +604,17 @@ impl Core {
             overrides,
             next_seq,
         } = part;
-        if map.get(hash, scope).is_some() {
-            return (map.get_mut(hash, scope).expect("present"), deadlines);
-        }
-        let max_age = self.expiry_for(overrides, scope);
-        *next_seq += 1;
-        let rec = map.insert(ScopeRec {
-            name: Arc::from(scope),
-            hash,
-            holds: VecDeque::new(),
-            touched_at: 0,
-            max_age,
-            indexed: None,
-            seq: *next_seq,
+        let rec = map.get_or_insert_with(hash, scope, || {
+            *next_seq += 1;
+            ScopeRec {
+                name: Arc::from(scope),
+                hash,
+                holds: VecDeque::new(),
+                touched_at: 0,
+                max_age: self.expiry_for(overrides, scope),
+                indexed: None,
+                seq: *next_seq,
+            }
         });
         (rec, deadlines)
     }
