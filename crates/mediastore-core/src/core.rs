@@ -362,9 +362,9 @@ thread_local! {
 }
 
 /// Takes a read lock, spinning briefly before blocking. Writers hold a ref
-/// shard for at most a run of [`RUN`] operations (microseconds); a reader
-/// that parks instead lets its CPU go idle, and waking an idle virtual CPU
-/// costs far more than the wait (milliseconds were measured on 2-vCPU VMs).
+/// shard for at most a run of [`RUN`] operations (microseconds), less than a
+/// park and wake-up costs, and a parked reader's idle virtual CPU may be
+/// descheduled by the host.
 fn read_spinning<T>(lock: &RwLock<T>) -> parking_lot::RwLockReadGuard<'_, T> {
     for _ in 0..2048 {
         if let Some(guard) = lock.try_read() {
