@@ -176,11 +176,12 @@ impl OwnedRoots {
 
 /// How one deletion went.
 pub enum Deleted {
-    /// Removed (or already gone); bytes freed.
+    /// Removed, or already gone, or replaced by another file (left alone).
     Done {
-        /// Names unlinked.
+        /// 1 when this call unlinked the file (under one or more names),
+        /// 0 when there was nothing to unlink.
         files: u64,
-        /// Bytes of the file.
+        /// Bytes the unlinked file held.
         bytes: u64,
     },
     /// Could not be removed.
