@@ -27,7 +27,7 @@
 //! Releases and sweeps pop holds under the partition lock, drop it, and then
 //! visit ref shards in short bounded runs, so readers wait microseconds.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::hash::BuildHasher;
 use std::path::Path;
 use std::sync::Arc;
@@ -218,7 +218,8 @@ struct ScopeRec {
     name: ScopeName,
     /// Hash of `name` under `Core::hasher`; the table rehashes with it.
     hash: u64,
-    holds: VecDeque<Hold>,
+    /// Oldest first; four inline, the usual size of a chat message scope.
+    holds: SmallVec<[Hold; 4]>,
     /// Every hold made before this instant counts as made at it (`touch`).
     touched_at: u64,
     /// `None`: the holds never expire.
@@ -339,7 +340,7 @@ fn nonzero(d: Duration) -> Option<u64> {
 
 impl ScopeRec {
     fn deadline(&self) -> Option<u64> {
-        let front = self.holds.front()?;
+        let front = self.holds.first()?;
         let max_age = self.max_age?;
         Some(front.made_at.max(self.touched_at).saturating_add(max_age))
     }
@@ -609,7 +610,7 @@ impl Core {
             ScopeRec {
                 name: Arc::from(scope),
                 hash,
-                holds: VecDeque::new(),
+                holds: SmallVec::new(),
                 touched_at: 0,
                 max_age: self.expiry_for(overrides, scope),
                 indexed: None,
@@ -746,7 +747,7 @@ impl Core {
     /// Looks a ref up.
     pub fn resolve(&self, id: MediaRef) -> Result<Arc<Resolved>> {
         let shard = read_spinning(&self.refs[ref_shard(id)].0);
-        let slot = shard.find(id).ok_or(Error::UnknownRef(id))?;
+        let slot = shard.find(id).ok_or_else(|| Error::UnknownRef(id))?;
         Ok(shard.slab[slot].entry.clone())
     }
 
@@ -778,7 +779,7 @@ impl Core {
         };
         // Renewing never shortens a hold, as with `touch`.
         let made_at = match queued {
-            Some(i) => rec.holds.remove(i).map_or(now.0, |h| h.made_at.max(now.0)),
+            Some(i) => rec.holds.remove(i).made_at.max(now.0),
             None => {
                 ref_rec.holders.push(rec.name.clone());
                 now.0
@@ -866,10 +867,15 @@ impl Core {
                 let rec = part.map.get_mut(hash, &name).expect("indexed scope exists");
                 let name_index = names.len() as u32;
                 names.push(name.clone());
-                while items.len() < budget && rec.deadline().is_some_and(|d| d < now.0) {
-                    let hold = rec.holds.pop_front().expect("deadline implies a hold");
-                    items.push((hold.handle, name_index));
-                }
+                let max_age = rec.max_age.expect("indexed scopes have a max age");
+                let touched_at = rec.touched_at;
+                let due = rec
+                    .holds
+                    .iter()
+                    .take(budget - items.len())
+                    .take_while(|h| h.made_at.max(touched_at).saturating_add(max_age) < now.0)
+                    .count();
+                items.extend(rec.holds.drain(..due).map(|h| (h.handle, name_index)));
                 if rec.holds.is_empty() {
                     part.remove_scope(hash, &name);
                     out.scopes_removed += 1;
@@ -982,7 +988,7 @@ impl Core {
     /// The scopes holding a ref, sorted.
     pub fn scopes_of(&self, id: MediaRef) -> Result<Vec<String>> {
         let shard = self.refs[ref_shard(id)].0.read();
-        let slot = shard.find(id).ok_or(Error::UnknownRef(id))?;
+        let slot = shard.find(id).ok_or_else(|| Error::UnknownRef(id))?;
         let mut out: Vec<String> = shard.slab[slot]
             .holders
             .iter()

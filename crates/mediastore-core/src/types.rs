@@ -291,11 +291,12 @@ pub struct ScopeRule {
 }
 
 fn has_control(s: &str) -> bool {
-    if s.is_ascii() {
-        s.bytes().any(|b| b < 0x20 || b == 0x7f)
-    } else {
-        s.chars().any(char::is_control)
-    }
+    // One pass without early exit (it vectorises): any byte outside
+    // printable ASCII sends the scope to the exact, per-char check.
+    let unusual = s
+        .bytes()
+        .fold(false, |acc, b| acc | (b.wrapping_sub(0x20) >= 0x5f));
+    unusual && s.chars().any(char::is_control)
 }
 
 /// Checks a scope name: non-empty, at most [`MAX_SCOPE_LEN`] bytes, and no
