@@ -747,7 +747,9 @@ impl Core {
     /// Looks a ref up.
     pub fn resolve(&self, id: MediaRef) -> Result<Arc<Resolved>> {
         let shard = read_spinning(&self.refs[ref_shard(id)].0);
-        let slot = shard.find(id).ok_or_else(|| Error::UnknownRef(id))?;
+        let Some(slot) = shard.find(id) else {
+            return Err(Error::UnknownRef(id));
+        };
         Ok(shard.slab[slot].entry.clone())
     }
 
@@ -988,7 +990,9 @@ impl Core {
     /// The scopes holding a ref, sorted.
     pub fn scopes_of(&self, id: MediaRef) -> Result<Vec<String>> {
         let shard = self.refs[ref_shard(id)].0.read();
-        let slot = shard.find(id).ok_or_else(|| Error::UnknownRef(id))?;
+        let Some(slot) = shard.find(id) else {
+            return Err(Error::UnknownRef(id));
+        };
         let mut out: Vec<String> = shard.slab[slot]
             .holders
             .iter()
