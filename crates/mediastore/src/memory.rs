@@ -128,8 +128,8 @@ impl MemoryStore {
     }
 
     fn store_sync(&self, path: &Path, meta: &MediaMeta, scope: &str) -> Result<MediaRef> {
-        // Checked before the stat so that a bad scope is reported as such.
-        mediastore_core::validate_scope(scope)?;
+        // The scope is validated by the core before anything changes; the
+        // stat before it only reads.
         let mut attempts = 0;
         loop {
             let ticket = self.core.deletion_ticket();
