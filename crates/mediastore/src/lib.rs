@@ -43,8 +43,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-#[cfg(not(unix))]
-compile_error!("mediastore identifies files by device and inode and needs a Unix platform");
+// Files are identified by device, inode and birth time (statx) and deleted
+// through `openat2(RESOLVE_BENEATH)`: both are Linux interfaces.
+#[cfg(not(target_os = "linux"))]
+compile_error!("mediastore needs Linux (statx, openat2)");
 
 mod api;
 mod cleaner;
