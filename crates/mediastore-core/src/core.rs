@@ -201,8 +201,6 @@ struct RefShard {
     /// Interned metadata: a gateway registers the same few
     /// (filename, type, source) triples over and over.
     metas: HashTable<Arc<MediaMeta>>,
-    /// The last metadata interned: consecutive registrations usually repeat it.
-    last_meta: Option<Arc<MediaMeta>>,
     hasher: DefaultHashBuilder,
 }
 
@@ -339,10 +337,15 @@ fn nonzero(d: Duration) -> Option<u64> {
 }
 
 impl ScopeRec {
+    /// When `hold` expires: made or renewed, plus the scope's max age.
+    fn hold_deadline(&self, hold: &Hold) -> Option<u64> {
+        let made_at = hold.made_at;
+        Some(made_at.max(self.touched_at).saturating_add(self.max_age?))
+    }
+
+    /// The oldest hold's deadline: the scope's key in the deadline index.
     fn deadline(&self) -> Option<u64> {
-        let front = self.holds.first()?;
-        let max_age = self.max_age?;
-        Some(front.made_at.max(self.touched_at).saturating_add(max_age))
+        self.hold_deadline(self.holds.first()?)
     }
 
     fn insert_sorted(&mut self, hold: Hold) {
@@ -360,6 +363,14 @@ thread_local! {
     /// The metadata this thread registered last (see `intern_meta`).
     static LAST_META: std::cell::RefCell<Option<Arc<MediaMeta>>> =
         const { std::cell::RefCell::new(None) };
+}
+
+/// True when `interned` is `meta` registered with `policy`.
+fn meta_matches(interned: &MediaMeta, meta: &MediaMeta, policy: CleanupPolicy) -> bool {
+    interned.policy == Some(policy)
+        && interned.filename == meta.filename
+        && interned.content_type == meta.content_type
+        && interned.source == meta.source
 }
 
 /// Takes a read lock, spinning briefly before blocking. Writers hold a ref
@@ -431,24 +442,19 @@ impl RefShard {
     }
 
     fn intern_meta(&mut self, meta: &MediaMeta, policy: CleanupPolicy) -> Arc<MediaMeta> {
-        let same = |m: &MediaMeta| {
-            m.policy == Some(policy)
-                && m.filename == meta.filename
-                && m.content_type == meta.content_type
-                && m.source == meta.source
-        };
         // The thread's last metadata first: consecutive registrations from
         // one thread usually repeat it, and its lines are then hot, whereas
         // each shard's own copy would be cold.
-        let hit = LAST_META.with(|last| last.borrow().as_ref().filter(|m| same(m)).cloned());
+        let hit = LAST_META.with(|last| {
+            last.borrow()
+                .as_ref()
+                .filter(|m| meta_matches(m, meta, policy))
+                .cloned()
+        });
         if let Some(hit) = hit {
             return hit;
         }
-        let found = match self.last_meta.as_ref().filter(|m| same(m)) {
-            Some(last) => last.clone(),
-            None => self.intern_meta_slow(meta, policy),
-        };
-        self.last_meta = Some(found.clone());
+        let found = self.intern_meta_slow(meta, policy);
         LAST_META.with(|last| *last.borrow_mut() = Some(found.clone()));
         found
     }
@@ -462,21 +468,13 @@ impl RefShard {
             &meta.source,
             Some(policy),
         ));
-        let eq = |m: &Arc<MediaMeta>| {
-            m.policy == Some(policy)
-                && m.filename == meta.filename
-                && m.content_type == meta.content_type
-                && m.source == meta.source
-        };
-        if let Some(found) = self.metas.find(hash, eq) {
+        if let Some(found) = self.metas.find(hash, |m| meta_matches(m, meta, policy)) {
             return found.clone();
         }
         // Drop entries nobody else holds before the table grows, so a
         // stream of unique filenames cannot accumulate here.
         if self.metas.len() == self.metas.capacity() && self.metas.len() >= 64 {
-            let last = self.last_meta.take();
             self.metas.retain(|m| Arc::strong_count(m) > 1);
-            self.last_meta = last;
         }
         let mut owned = meta.clone();
         owned.policy = Some(policy);
@@ -869,13 +867,11 @@ impl Core {
                 let rec = part.map.get_mut(hash, &name).expect("indexed scope exists");
                 let name_index = names.len() as u32;
                 names.push(name.clone());
-                let max_age = rec.max_age.expect("indexed scopes have a max age");
-                let touched_at = rec.touched_at;
                 let due = rec
                     .holds
                     .iter()
                     .take(budget - items.len())
-                    .take_while(|h| h.made_at.max(touched_at).saturating_add(max_age) < now.0)
+                    .take_while(|h| rec.hold_deadline(h).is_some_and(|d| d < now.0))
                     .count();
                 items.extend(rec.holds.drain(..due).map(|h| (h.handle, name_index)));
                 if rec.holds.is_empty() {

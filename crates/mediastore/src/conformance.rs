@@ -17,7 +17,7 @@ use mediastore_core::{CleanupPolicy, Error, Expiry, MediaMeta, MediaRef, Result}
 
 use crate::api::MediaStore;
 use crate::cleaner::{Cleaner, CleanerConfig};
-use crate::clock::ManualClock;
+use crate::clock::{Clock, ManualClock};
 
 pub mod seed_port;
 
@@ -315,7 +315,7 @@ async fn stored_minutes_ago<S: MediaStore>(
     scope: &str,
     minutes: u64,
 ) -> MediaRef {
-    let now = f.clock.now_for_tests();
+    let now = Clock::now(&f.clock);
     f.clock.set(now - Duration::from_secs(60 * minutes));
     let r = f.put(p, policy, scope).await;
     f.clock.set(now);
@@ -962,13 +962,6 @@ pub async fn cleaner_restart<E: Engine>(e: &E) {
         tokio::time::sleep(Duration::from_millis(80)).await;
         assert!(q.exists(), "no sweep runs while stopped");
         f.store.release_all(&format!("q{round}")).await.unwrap();
-    }
-}
-
-impl ManualClock {
-    /// The current time (alias of `Clock::now` usable without the trait).
-    pub fn now_for_tests(&self) -> SystemTime {
-        crate::clock::Clock::now(self)
     }
 }
 
