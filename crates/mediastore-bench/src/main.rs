@@ -11,6 +11,8 @@
 //! (`mediastore::conformance::seed_port`); runs of the memory engine also
 //! time that port in the same run, as a baseline.
 
+mod bound;
+
 use std::fs;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -253,8 +255,20 @@ fn turns<S: MediaStore, B: MediaStore>(engine: Engine, scale: usize, store: &S, 
     run_threads(1, 0, total / 10, &|_, first, n| {
         turn_loop(store, &meta, 100, first, n, &pick)
     });
+    // Only ever run on one thread; the mutex just satisfies `Sync`.
+    let table = std::sync::Mutex::new(bound::Bound::default());
+    let bound = |t: usize, first: usize, n: usize| {
+        let mut table = table.lock().expect("bound table");
+        table.turns(first, n, |i, k| pick(t, i, k));
+    };
     let many = threads_per_core();
-    let mut jobs: Vec<Job<'_>> = vec![(1, &floor), (1, &work), (many, &floor), (many, &work)];
+    let mut jobs: Vec<Job<'_>> = vec![
+        (1, &floor),
+        (1, &work),
+        (many, &floor),
+        (many, &work),
+        (1, &bound),
+    ];
     if seed.is_some() {
         jobs.extend([
             (1, &base as &(dyn Fn(usize, usize, usize) + Sync)),
@@ -271,9 +285,12 @@ fn turns<S: MediaStore, B: MediaStore>(engine: Engine, scale: usize, store: &S, 
         });
         if threads > 1 {
             line["ratio_to_1_thread"] = json!(ratio(rate, rates[1]));
+        } else {
+            line["bound_turns_per_s"] = json!(rates[4].round());
+            line["bound_ratio_to_floor"] = json!(ratio(rates[4], floor));
         }
         if seed.is_some() {
-            let seed_rate = rates[4 + i];
+            let seed_rate = rates[5 + i];
             line["seed_port_turns_per_s"] = json!(seed_rate.round());
             line["ratio_to_seed_port"] = json!(ratio(rate, seed_rate));
         }
