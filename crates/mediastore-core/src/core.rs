@@ -70,6 +70,9 @@ pub struct CoreConfig {
     pub default_max_age: Option<Duration>,
     /// Per-prefix expiry; the longest matching prefix wins.
     pub scope_rules: Vec<ScopeRule>,
+    /// List every dropped hold in [`Dropped::released`], for engines that
+    /// journal sweeps. Off by default: the list costs an allocation.
+    pub record_drops: bool,
 }
 
 /// One registration to record.
@@ -134,6 +137,9 @@ pub struct Dropped {
     pub deletions: Vec<Deletion>,
     /// True when a sweep stopped at its budget and more holds are due.
     pub more: bool,
+    /// Every dropped hold as (ref, scope), when [`CoreConfig::record_drops`]
+    /// is set; empty otherwise.
+    pub released: Vec<(MediaRef, Arc<str>)>,
 }
 
 /// How the engine's deletion attempt ended.
@@ -303,6 +309,7 @@ struct FileShard {
 /// threads can register, resolve and release at once.
 pub struct Core {
     default_max_age: Option<u64>,
+    record_drops: bool,
     /// Sorted longest prefix first.
     rules: Vec<ScopeRule>,
     refs: Box<[Padded<RwLock<RefShard>>]>,
@@ -486,7 +493,6 @@ impl RefShard {
         arc
     }
 
-    /// Removes one holder entry; returns the ref's file when it was the last.
     /// Removes one holder entry; returns the ref's record when it was the
     /// last, for the caller to drop after unlocking (freeing can be slow).
     fn drop_holder(&mut self, slot: usize, scope: &ScopeName) -> Option<Arc<Resolved>> {
@@ -516,6 +522,7 @@ impl Core {
         rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
         Self {
             default_max_age: config.default_max_age.and_then(nonzero),
+            record_drops: config.record_drops,
             rules,
             refs: (0..REF_SHARDS)
                 .map(|_| Padded(Default::default()))
@@ -912,7 +919,11 @@ impl Core {
                 for &(handle, scope) in run {
                     out.holds += 1;
                     let scope = &names[scope as usize];
-                    if let Some(entry) = shard.drop_holder(handle_parts(handle).1, scope) {
+                    let slot = handle_parts(handle).1;
+                    if self.record_drops {
+                        out.released.push((shard.slab[slot].entry.id, scope.clone()));
+                    }
+                    if let Some(entry) = shard.drop_holder(slot, scope) {
                         dead.push(entry.file);
                         freed.push(entry);
                     }

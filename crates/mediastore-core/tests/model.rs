@@ -510,6 +510,10 @@ fn check_deletions(m: &Model, got: &[Deletion], want: &BTreeSet<FileKey>) -> Tes
 
 fn check_dropped(m: &Model, got: &Dropped, want: &Expect) -> TestResult {
     prop_assert_eq!(got.holds, want.holds, "Dropped.holds");
+    // `record_drops` is on: one (ref, scope) entry per dropped hold, no twice.
+    prop_assert_eq!(got.released.len() as u64, got.holds, "Dropped.released");
+    let distinct: std::collections::HashSet<_> = got.released.iter().collect();
+    prop_assert_eq!(distinct.len(), got.released.len(), "a hold released twice");
     prop_assert_eq!(got.refs_removed, want.refs_removed, "Dropped.refs_removed");
     prop_assert_eq!(
         got.scopes_removed,
@@ -781,6 +785,7 @@ fn apply(core: &Core, m: &mut Model, op: &Op) -> TestResult {
             let got = core.release_all(SCOPES[*scope]).unwrap();
             let want = m.release_all(SCOPES[*scope]);
             prop_assert!(!got.more);
+            prop_assert!(got.released.iter().all(|(_, s)| &**s == SCOPES[*scope]));
             check_dropped(m, &got, &want)?;
         }
         Op::Touch(scope) => {
@@ -799,6 +804,7 @@ fn apply(core: &Core, m: &mut Model, op: &Op) -> TestResult {
                 total.refs_removed += d.refs_removed;
                 total.scopes_removed += d.scopes_removed;
                 total.deletions.extend(d.deletions);
+                total.released.extend(d.released);
                 if !d.more {
                     break;
                 }
@@ -916,6 +922,7 @@ fn check_refused(got: mediastore_core::Result<()>) -> TestResult {
 
 fn run(setup: &Setup, ops: &[Op]) -> TestResult {
     let core = Core::new(CoreConfig {
+        record_drops: true,
         default_max_age: setup.default_max_age.map(Duration::from_nanos),
         scope_rules: setup
             .rules
@@ -1313,6 +1320,7 @@ fn stress_thread(sh: &Shared, round: u64, t: usize) {
 fn stress_round(round: u64) -> (u64, u64) {
     let sh = Arc::new(Shared {
         core: Core::new(CoreConfig {
+            record_drops: false,
             default_max_age: Some(Duration::from_nanos(120)),
             scope_rules: vec![ScopeRule {
                 prefix: "session:".into(),

@@ -59,6 +59,7 @@ impl MemoryStoreBuilder {
             core: Core::new(CoreConfig {
                 default_max_age: self.max_age,
                 scope_rules: self.rules,
+                record_drops: false,
             }),
             roots: OwnedRoots::new(&self.owned_roots)?,
             clock: self.clock,
