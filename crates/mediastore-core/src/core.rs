@@ -921,7 +921,8 @@ impl Core {
                     let scope = &names[scope as usize];
                     let slot = handle_parts(handle).1;
                     if self.record_drops {
-                        out.released.push((shard.slab[slot].entry.id, scope.clone()));
+                        out.released
+                            .push((shard.slab[slot].entry.id, scope.clone()));
                     }
                     if let Some(entry) = shard.drop_holder(slot, scope) {
                         dead.push(entry.file);
@@ -1036,6 +1037,11 @@ impl Core {
             pinned: r.pinned,
             state: r.state,
         })
+    }
+
+    /// The size of a tracked file, as of its last registration.
+    pub fn file_size(&self, file: FileKey) -> Option<u64> {
+        self.file_shard(&file).lock().map.get(&file).map(|r| r.size)
     }
 
     /// Counters. Each shard is read under its own lock, so under concurrent

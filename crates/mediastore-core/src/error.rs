@@ -73,6 +73,43 @@ pub enum Error {
     /// The store cannot take more refs (a per-shard slot counter would overflow).
     #[error("media store is full: {0}")]
     Full(&'static str),
+    /// Another process (or another store in this one) has the data dir open.
+    #[error("media store: data dir {path} is already in use{holder}")]
+    InUse {
+        /// The data dir.
+        path: PathBuf,
+        /// Who holds it, as recorded in the lock file (e.g. " by pid 42").
+        holder: String,
+    },
+    /// The on-disk index cannot be read: damaged, not a mediastore index,
+    /// or written by a newer version.
+    #[error("media store: index {path} is unusable: {detail}")]
+    Corrupt {
+        /// The index file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A stream was bigger than the size allowed for one object.
+    #[error("media store: object exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The limit, in bytes.
+        limit: u64,
+    },
+    /// Storing the object would exceed a quota; nothing was written.
+    #[error(
+        "media store: {quota} quota of {limit} bytes exceeded ({used} in use, {wanted} more wanted)"
+    )]
+    QuotaExceeded {
+        /// Which quota: `scope` or `total`.
+        quota: &'static str,
+        /// Its limit, in bytes.
+        limit: u64,
+        /// Bytes in use before this object.
+        used: u64,
+        /// Bytes this object needs.
+        wanted: u64,
+    },
     /// An I/O failure of the store itself (not of a caller's file).
     #[error("media store I/O: {context}: {source}")]
     Io {
@@ -92,6 +129,14 @@ impl Error {
             Self::File { source, .. } => source.kind() == io::ErrorKind::NotFound,
             Self::FileVanished { .. } => true,
             _ => false,
+        }
+    }
+
+    /// Builds an [`Error::Io`] of the store itself.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
         }
     }
 

@@ -30,6 +30,9 @@ pub struct Setup {
     pub max_age: Option<Duration>,
     /// The clock the store must read.
     pub clock: ManualClock,
+    /// An empty directory the engine may keep its own state in (an index,
+    /// managed files); removed with the fixture, after the store is dropped.
+    pub data_dir: PathBuf,
 }
 
 /// Builds stores of one engine for the scenarios.
@@ -60,7 +63,7 @@ pub struct Fixture<S> {
     pub root: PathBuf,
     /// A directory outside every owned root.
     pub outside: PathBuf,
-    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    _dirs: (tempfile::TempDir, tempfile::TempDir, tempfile::TempDir),
 }
 
 /// Where scenario clocks start.
@@ -73,11 +76,13 @@ impl<S: MediaStore> Fixture<S> {
     pub async fn new<E: Engine<Store = S>>(engine: &E, max_age: Option<Duration>) -> Self {
         let root = tempfile::tempdir().expect("tempdir");
         let outside = tempfile::tempdir().expect("tempdir");
+        let data = tempfile::tempdir().expect("tempdir");
         let clock = ManualClock::new(epoch());
         let setup = Setup {
             owned_root: root.path().to_path_buf(),
             max_age,
             clock: clock.clone(),
+            data_dir: data.path().to_path_buf(),
         };
         let store = engine.open(&setup).await.expect("engine opens");
         Self {
@@ -85,7 +90,7 @@ impl<S: MediaStore> Fixture<S> {
             clock,
             root: root.path().to_path_buf(),
             outside: outside.path().to_path_buf(),
-            _dirs: (root, outside),
+            _dirs: (root, outside, data),
         }
     }
 

@@ -53,12 +53,20 @@ mod cleaner;
 mod clock;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+#[cfg(feature = "durable")]
+mod durable;
 mod fsops;
+mod local;
 mod memory;
 
 pub use api::{DeleteFailure, MediaStore, ReleaseReport, Stats, SweepReport};
 pub use cleaner::{Cleaner, CleanerConfig};
 pub use clock::{Clock, ManualClock, SystemClock};
+#[cfg(feature = "durable")]
+pub use durable::{
+    DurableStore, DurableStoreBuilder, FORMAT_VERSION, JournalStats, OpenReport, OrphanReport,
+    PutLimits, PutReport, Quotas, decide_content_type, sanitize_filename,
+};
 pub use mediastore_core::{
     CleanupPolicy, DeleteOutcome, Error, Expiry, FileKey, FileState, FileStatus, MediaMeta,
     MediaRef, Resolved, Result, ScopeRule, Timestamp, validate_scope,

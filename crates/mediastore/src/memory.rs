@@ -6,16 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mediastore_core::{
-    Core, CoreConfig, DeleteOutcome, Deletion, Error, Expiry, FileStatus, MediaMeta, MediaRef,
-    Registration, Resolved, Result, ScopeRule, Timestamp,
+    Core, CoreConfig, Expiry, FileStatus, MediaMeta, MediaRef, Resolved, Result, ScopeRule,
 };
 
-use crate::api::{DeleteFailure, MediaStore, ReleaseReport, Stats, SweepReport};
+use crate::api::{MediaStore, ReleaseReport, Stats, SweepReport};
 use crate::clock::{Clock, SystemClock};
-use crate::fsops::{self, Deleted, OwnedRoots};
-
-/// Holds dropped per core call during a sweep; between calls no lock is held.
-const SWEEP_BATCH: usize = 1024;
+use crate::fsops::{self, OwnedRoots};
+use crate::local::{Local, Tally};
 
 /// Builds a [`MemoryStore`].
 pub struct MemoryStoreBuilder {
@@ -55,14 +52,13 @@ impl MemoryStoreBuilder {
 
     /// Builds the store. Fails when an owned root does not exist.
     pub fn build(self) -> Result<MemoryStore> {
+        let core = Core::new(CoreConfig {
+            default_max_age: self.max_age,
+            scope_rules: self.rules,
+            record_drops: false,
+        });
         Ok(MemoryStore {
-            core: Core::new(CoreConfig {
-                default_max_age: self.max_age,
-                scope_rules: self.rules,
-                record_drops: false,
-            }),
-            roots: OwnedRoots::new(&self.owned_roots)?,
-            clock: self.clock,
+            local: Local::new(core, OwnedRoots::new(&self.owned_roots)?, self.clock),
         })
     }
 }
@@ -90,17 +86,7 @@ impl MemoryStoreBuilder {
 /// # }).unwrap();
 /// ```
 pub struct MemoryStore {
-    core: Core,
-    roots: OwnedRoots,
-    clock: Arc<dyn Clock>,
-}
-
-/// Tally of deletions, shared by releases and sweeps.
-#[derive(Default)]
-struct Tally {
-    files: u64,
-    bytes: u64,
-    failures: Vec<DeleteFailure>,
+    local: Local,
 }
 
 impl MemoryStore {
@@ -116,102 +102,30 @@ impl MemoryStore {
 
     /// The state machine, for introspection and invariant checks in tests.
     pub fn core(&self) -> &Core {
-        &self.core
+        &self.local.core
     }
 
     /// The owned roots, canonicalised.
     pub fn owned_roots(&self) -> &[PathBuf] {
-        self.roots.roots()
-    }
-
-    fn now(&self) -> Timestamp {
-        self.clock.timestamp()
-    }
-
-    fn store_sync(&self, path: &Path, meta: &MediaMeta, scope: &str) -> Result<MediaRef> {
-        // The scope is validated by the core before anything changes; the
-        // stat before it only reads.
-        let mut attempts = 0;
-        loop {
-            let ticket = self.core.deletion_ticket();
-            let st = fsops::stat_for_store(path)?;
-            let policy = self.roots.decide(path, &st, meta.policy)?;
-            let id = MediaRef::from_random_bytes(uuid::Uuid::new_v4().into_bytes());
-            let reg = Registration {
-                id,
-                ticket,
-                file: st.key,
-                path,
-                size: st.size,
-                meta,
-                policy,
-                scope,
-            };
-            match self.core.register(self.now(), reg) {
-                Ok(()) => return Ok(id),
-                // A deletion finished between our stat and the core: the
-                // stat may describe a file that is gone, so take it again.
-                Err(Error::Conflict(_)) if attempts < 100 => attempts += 1,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    fn delete_all(&self, deletions: Vec<Deletion>, tally: &mut Tally) {
-        for d in deletions {
-            match fsops::delete_file(&d, &self.roots) {
-                Deleted::Done { files, bytes } => {
-                    tally.files += files;
-                    tally.bytes += bytes;
-                    self.core.finish_deletion(d.file, DeleteOutcome::Deleted);
-                }
-                Deleted::Failed { path, error, retry } => {
-                    tracing::warn!(path = %path.display(), %error, retry, "could not delete media file");
-                    let outcome = if retry {
-                        DeleteOutcome::Failed
-                    } else {
-                        DeleteOutcome::Deleted
-                    };
-                    self.core.finish_deletion(d.file, outcome);
-                    tally.failures.push(DeleteFailure {
-                        path,
-                        error,
-                        will_retry: retry,
-                    });
-                }
-            }
-        }
-    }
-
-    fn release_sync(&self, scope: &str) -> Result<ReleaseReport> {
-        let dropped = self.core.release_all(scope)?;
-        let mut tally = Tally::default();
-        self.delete_all(dropped.deletions, &mut tally);
-        Ok(ReleaseReport {
-            refs_released: dropped.holds,
-            refs_removed: dropped.refs_removed,
-            files_deleted: tally.files,
-            bytes_freed: tally.bytes,
-            failures: tally.failures,
-        })
+        self.local.roots.roots()
     }
 
     fn sweep_sync(&self) -> SweepReport {
-        let now = self.now();
+        let local = &self.local;
+        let now = local.now();
         let mut tally = Tally::default();
-        let retries = self.core.retry_deletions();
+        let retries = local.core.retry_deletions();
         let mut report = SweepReport {
             retried: retries.len() as u64,
             ..SweepReport::default()
         };
-        self.delete_all(retries, &mut tally);
+        local.delete_all(retries, &mut tally);
         loop {
-            let dropped = self.core.expire(now, SWEEP_BATCH);
-            report.refs_expired += dropped.refs_removed;
-            report.holds_expired += dropped.holds;
-            report.scopes_removed += dropped.scopes_removed;
-            self.delete_all(dropped.deletions, &mut tally);
-            if !dropped.more {
+            let dropped = local.expire_batch(now).value;
+            Local::count_batch(&mut report, &dropped);
+            let more = dropped.more;
+            local.delete_all(dropped.deletions, &mut tally);
+            if !more {
                 break;
             }
         }
@@ -220,59 +134,40 @@ impl MemoryStore {
         report.failures = tally.failures;
         report
     }
-
-    fn open_sync(&self, media_ref: MediaRef) -> Result<(File, Arc<Resolved>)> {
-        let resolved = self.core.resolve(media_ref)?;
-        let vanished = || Error::FileVanished {
-            media_ref,
-            path: resolved.path.to_path_buf(),
-        };
-        let file = match File::open(&resolved.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(vanished()),
-            Err(e) => return Err(Error::file(resolved.path.to_path_buf(), e)),
-        };
-        let meta = file
-            .metadata()
-            .map_err(|e| Error::file(resolved.path.to_path_buf(), e))?;
-        if fsops::file_key(&meta) != resolved.file {
-            return Err(vanished());
-        }
-        Ok((file, resolved))
-    }
 }
 
 impl MediaStore for MemoryStore {
     async fn store(&self, path: &Path, meta: &MediaMeta, scope: &str) -> Result<MediaRef> {
-        self.store_sync(path, meta, scope)
+        Ok(self.local.store(path, meta, scope, None)?.value)
     }
 
     async fn resolve(&self, media_ref: MediaRef) -> Result<Arc<Path>> {
-        Ok(self.core.resolve(media_ref)?.path.clone())
+        Ok(self.local.core.resolve(media_ref)?.path.clone())
     }
 
     async fn resolve_with_meta(&self, media_ref: MediaRef) -> Result<Arc<Resolved>> {
-        self.core.resolve(media_ref)
+        self.local.core.resolve(media_ref)
     }
 
     async fn open(&self, media_ref: MediaRef) -> Result<(File, Arc<Resolved>)> {
-        self.open_sync(media_ref)
+        self.local.open(media_ref)
     }
 
     async fn retain(&self, media_ref: MediaRef, scope: &str) -> Result<()> {
-        self.core.retain(self.now(), media_ref, scope)
+        self.local.core.retain(self.local.now(), media_ref, scope)
     }
 
     async fn release_all(&self, scope: &str) -> Result<ReleaseReport> {
-        self.release_sync(scope)
+        let dropped = self.local.core.release_all(scope)?;
+        Ok(self.local.finish_release(dropped))
     }
 
     async fn touch(&self, scope: &str) -> Result<usize> {
-        self.core.touch(self.now(), scope)
+        self.local.core.touch(self.local.now(), scope)
     }
 
     async fn set_scope_expiry(&self, scope: &str, expiry: Expiry) -> Result<()> {
-        self.core.set_scope_expiry(scope, expiry)
+        self.local.core.set_scope_expiry(scope, expiry)
     }
 
     async fn clean_expired(&self) -> Result<SweepReport> {
@@ -280,23 +175,23 @@ impl MediaStore for MemoryStore {
     }
 
     async fn scopes_of(&self, media_ref: MediaRef) -> Result<Vec<String>> {
-        self.core.scopes_of(media_ref)
+        self.local.core.scopes_of(media_ref)
     }
 
     async fn refs_in(&self, scope: &str) -> Result<Vec<MediaRef>> {
-        self.core.refs_in(scope)
+        self.local.core.refs_in(scope)
     }
 
     async fn file_status(&self, path: &Path) -> Result<Option<FileStatus>> {
         let st = fsops::stat_for_store(path)?;
-        Ok(self.core.file_status(st.key))
+        Ok(self.local.core.file_status(st.key))
     }
 
     async fn stats(&self) -> Result<Stats> {
-        Ok(self.core.stats())
+        Ok(self.local.core.stats())
     }
 
     fn expiry_configured(&self) -> bool {
-        self.core.expiry_configured()
+        self.local.core.expiry_configured()
     }
 }

@@ -1,0 +1,407 @@
+//! The on-disk index: a SQLite database in WAL mode holding refs, holds,
+//! scope touches, scope expiry overrides and deletions not yet finished.
+//!
+//! The index is written only by the journal's writer thread and read only
+//! when the store opens; every lookup is served from memory.
+
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mediastore_core::{CleanupPolicy, Error, Expiry, FileKey, MediaRef, Result};
+use rusqlite::{Connection, OpenFlags, Transaction, params};
+
+use crate::local::Op;
+
+/// The index format this build writes. Each entry of [`MIGRATIONS`] moves
+/// the format up by one; `user_version` records where a file stands.
+pub const FORMAT_VERSION: i64 = 1;
+
+/// SQL that takes the index from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 0 → 1: the first format.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+     INSERT INTO meta VALUES ('application', 'mediastore');
+     CREATE TABLE refs (
+        id BLOB PRIMARY KEY,
+        path BLOB NOT NULL,
+        dev INTEGER NOT NULL, ino INTEGER NOT NULL, born INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        filename TEXT NOT NULL, content_type TEXT NOT NULL, source TEXT NOT NULL,
+        policy INTEGER NOT NULL,
+        stored_at INTEGER NOT NULL,
+        sha256 BLOB
+     ) WITHOUT ROWID;
+     CREATE TABLE holds (
+        scope TEXT NOT NULL, id BLOB NOT NULL, made_at INTEGER NOT NULL,
+        PRIMARY KEY (scope, id)
+     ) WITHOUT ROWID;
+     CREATE INDEX holds_by_ref ON holds (id);
+     CREATE TABLE scope_touch (scope TEXT PRIMARY KEY, touched_at INTEGER NOT NULL) WITHOUT ROWID;
+     CREATE TABLE scope_expiry (scope TEXT PRIMARY KEY, never INTEGER NOT NULL, nanos INTEGER NOT NULL) WITHOUT ROWID;
+     CREATE TABLE pending_deletes (
+        dev INTEGER NOT NULL, ino INTEGER NOT NULL, born INTEGER NOT NULL, path BLOB NOT NULL,
+        PRIMARY KEY (dev, ino, born, path)
+     ) WITHOUT ROWID;",
+];
+
+/// SQLite stores signed 64-bit integers; ours are unsigned and round-trip
+/// through the same bits.
+fn i(v: u64) -> i64 {
+    v as i64
+}
+
+fn u(v: i64) -> u64 {
+    v as u64
+}
+
+fn path_bytes(p: &Path) -> &[u8] {
+    p.as_os_str().as_bytes()
+}
+
+fn policy_code(p: CleanupPolicy) -> i64 {
+    match p {
+        CleanupPolicy::DeleteOnCleanup => 0,
+        CleanupPolicy::ForgetOnly => 1,
+    }
+}
+
+/// Maps a SQLite failure while opening or loading to a typed error.
+fn open_error(path: &Path, e: rusqlite::Error) -> Error {
+    use rusqlite::ErrorCode::*;
+    match e.sqlite_error_code() {
+        Some(NotADatabase | DatabaseCorrupt) => Error::Corrupt {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
+        Some(ReadOnly | CannotOpen | PermissionDenied | DiskFull) => Error::io(
+            format!("opening index {}", path.display()),
+            std::io::Error::other(e.to_string()),
+        ),
+        _ => Error::Corrupt {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        },
+    }
+}
+
+/// Maps a SQLite failure while writing.
+pub fn write_error(e: rusqlite::Error) -> Error {
+    let kind = match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => std::io::ErrorKind::StorageFull,
+        Some(rusqlite::ErrorCode::ReadOnly) => std::io::ErrorKind::ReadOnlyFilesystem,
+        _ => std::io::ErrorKind::Other,
+    };
+    Error::io(
+        "writing the index",
+        std::io::Error::new(kind, e.to_string()),
+    )
+}
+
+/// Opens (creating if needed) and migrates the index.
+pub fn open(path: &Path) -> Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags).map_err(|e| open_error(path, e))?;
+    // WAL with `synchronous = FULL`: a commit is durable when it returns,
+    // at the price of one fsync of the log. Exclusive locking keeps the
+    // WAL index in memory (no -shm file); the data dir's lock file already
+    // keeps other processes out.
+    conn.execute_batch(
+        "PRAGMA locking_mode = EXCLUSIVE;
+         PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA cache_size = -16384;",
+    )
+    .map_err(|e| open_error(path, e))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| open_error(path, e))?;
+    migrate(path, &mut conn)?;
+    Ok(conn)
+}
+
+fn migrate(path: &Path, conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| open_error(path, e))?;
+    if version > FORMAT_VERSION {
+        return Err(Error::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!(
+                "index format {version} was written by a newer mediastore (this one reads up to {FORMAT_VERSION})"
+            ),
+        });
+    }
+    if version > 0 {
+        let app: Option<String> = conn
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'application'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(|e| open_error(path, e))
+            .ok();
+        if app.as_deref() != Some("mediastore") {
+            return Err(Error::Corrupt {
+                path: path.to_path_buf(),
+                detail: "not a mediastore index".into(),
+            });
+        }
+    }
+    for (from, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction().map_err(|e| open_error(path, e))?;
+        tx.execute_batch(sql).map_err(|e| open_error(path, e))?;
+        tx.pragma_update(None, "user_version", from as i64 + 1)
+            .map_err(|e| open_error(path, e))?;
+        tx.commit().map_err(|e| open_error(path, e))?;
+    }
+    Ok(())
+}
+
+/// Applies one journaled change inside the writer's transaction.
+pub fn apply(tx: &Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
+    match op {
+        Op::Register {
+            id,
+            path,
+            file,
+            size,
+            meta,
+            policy,
+            scope,
+            at,
+            sha256,
+        } => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO refs VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?
+            .execute(params![
+                id.uuid().as_bytes(),
+                path_bytes(path),
+                i(file.dev),
+                i(file.ino),
+                i(file.born),
+                i(*size),
+                meta.filename,
+                meta.content_type,
+                meta.source,
+                policy_code(*policy),
+                i(at.0),
+                sha256.as_ref().map(|d| &d[..]),
+            ])?;
+            retain(tx, *id, scope, at.0)
+        }
+        Op::Retain { id, scope, at } => retain(tx, *id, scope, at.0),
+        Op::Touch { scope, at } => {
+            tx.prepare_cached(
+                "INSERT INTO scope_touch VALUES (?1, ?2)
+                 ON CONFLICT (scope) DO UPDATE SET touched_at = max(touched_at, excluded.touched_at)",
+            )?
+            .execute(params![&**scope, i(at.0)])?;
+            Ok(())
+        }
+        Op::SetExpiry { scope, expiry } => {
+            let (never, nanos) = match expiry {
+                Expiry::Default => {
+                    tx.prepare_cached("DELETE FROM scope_expiry WHERE scope = ?1")?
+                        .execute([&**scope])?;
+                    return Ok(());
+                }
+                Expiry::Never => (1, 0),
+                Expiry::After(d) => (0, i(d.as_nanos().min(u64::MAX as u128) as u64)),
+            };
+            tx.prepare_cached("INSERT OR REPLACE INTO scope_expiry VALUES (?1, ?2, ?3)")?
+                .execute(params![&**scope, never, nanos])?;
+            Ok(())
+        }
+        Op::Drop {
+            released,
+            deletions,
+        } => {
+            for (id, scope) in released {
+                let id = id.uuid();
+                tx.prepare_cached("DELETE FROM holds WHERE scope = ?1 AND id = ?2")?
+                    .execute(params![&**scope, id.as_bytes()])?;
+                tx.prepare_cached(
+                    "DELETE FROM refs WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM holds WHERE id = ?1)",
+                )?
+                .execute([id.as_bytes()])?;
+                tx.prepare_cached(
+                    "DELETE FROM scope_touch WHERE scope = ?1
+                     AND NOT EXISTS (SELECT 1 FROM holds WHERE scope = ?1)",
+                )?
+                .execute([&**scope])?;
+            }
+            for (file, paths) in deletions {
+                for p in paths {
+                    tx.prepare_cached(
+                        "INSERT OR IGNORE INTO pending_deletes VALUES (?1, ?2, ?3, ?4)",
+                    )?
+                    .execute(params![
+                        i(file.dev),
+                        i(file.ino),
+                        i(file.born),
+                        path_bytes(p)
+                    ])?;
+                }
+            }
+            Ok(())
+        }
+        Op::Deleted { file } => {
+            tx.prepare_cached(
+                "DELETE FROM pending_deletes WHERE dev = ?1 AND ino = ?2 AND born = ?3",
+            )?
+            .execute(params![i(file.dev), i(file.ino), i(file.born)])?;
+            Ok(())
+        }
+    }
+}
+
+fn retain(tx: &Transaction<'_>, id: MediaRef, scope: &str, at: u64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO holds VALUES (?1, ?2, ?3)
+         ON CONFLICT (scope, id) DO UPDATE SET made_at = max(made_at, excluded.made_at)",
+    )?
+    .execute(params![scope, id.uuid().as_bytes(), i(at)])?;
+    Ok(())
+}
+
+/// One ref as the index holds it, with its holds.
+pub struct StoredRef {
+    pub id: MediaRef,
+    pub path: PathBuf,
+    pub file: FileKey,
+    pub size: u64,
+    pub filename: String,
+    pub content_type: String,
+    pub source: String,
+    pub policy: CleanupPolicy,
+    pub stored_at: u64,
+    /// (scope, made_at), at least one.
+    pub holds: Vec<(Arc<str>, u64)>,
+}
+
+/// Everything the index holds, read once at open.
+#[derive(Default)]
+pub struct Snapshot {
+    pub expiry: Vec<(String, Expiry)>,
+    pub refs: Vec<StoredRef>,
+    pub touches: Vec<(String, u64)>,
+    /// Files whose deletion was decided but not confirmed: key and paths.
+    pub pending: Vec<(FileKey, Vec<PathBuf>)>,
+    /// Ref rows without any hold (cannot be written by this version).
+    pub unheld: u64,
+}
+
+fn uuid_of(bytes: &[u8]) -> Option<MediaRef> {
+    let arr: [u8; 16] = bytes.try_into().ok()?;
+    MediaRef::from_uuid(uuid::Uuid::from_bytes(arr)).ok()
+}
+
+/// Reads the whole index.
+pub fn load(path: &Path, conn: &Connection) -> Result<Snapshot> {
+    let err = |e| open_error(path, e);
+    let mut snap = Snapshot::default();
+    let mut q = conn
+        .prepare("SELECT scope, never, nanos FROM scope_expiry")
+        .map_err(err)?;
+    let mut rows = q.query([]).map_err(err)?;
+    while let Some(r) = rows.next().map_err(err)? {
+        let scope: String = r.get(0).map_err(err)?;
+        let never: i64 = r.get(1).map_err(err)?;
+        let nanos: i64 = r.get(2).map_err(err)?;
+        let expiry = if never != 0 {
+            Expiry::Never
+        } else {
+            Expiry::After(Duration::from_nanos(u(nanos)))
+        };
+        snap.expiry.push((scope, expiry));
+    }
+    // Scope names repeat across holds; share one allocation per name.
+    let mut names: std::collections::HashMap<String, Arc<str>> = Default::default();
+    let mut q = conn
+        .prepare(
+            "SELECT r.id, r.path, r.dev, r.ino, r.born, r.size, r.filename, r.content_type,
+                    r.source, r.policy, r.stored_at, h.scope, h.made_at
+             FROM refs r LEFT JOIN holds h ON h.id = r.id ORDER BY r.id",
+        )
+        .map_err(err)?;
+    let mut rows = q.query([]).map_err(err)?;
+    while let Some(r) = rows.next().map_err(err)? {
+        let id_bytes: Vec<u8> = r.get(0).map_err(err)?;
+        let Some(id) = uuid_of(&id_bytes) else {
+            return Err(Error::Corrupt {
+                path: path.to_path_buf(),
+                detail: "a ref id is not a version 4 UUID".into(),
+            });
+        };
+        let scope: Option<String> = r.get(11).map_err(err)?;
+        let Some(scope) = scope else {
+            snap.unheld += 1;
+            continue;
+        };
+        let made_at: i64 = r.get(12).map_err(err)?;
+        let name = match names.get(&scope) {
+            Some(n) => n.clone(),
+            None => {
+                let n: Arc<str> = scope.as_str().into();
+                names.insert(scope, n.clone());
+                n
+            }
+        };
+        if let Some(last) = snap.refs.last_mut().filter(|l| l.id == id) {
+            last.holds.push((name, u(made_at)));
+            continue;
+        }
+        let path: Vec<u8> = r.get(1).map_err(err)?;
+        let policy: i64 = r.get(9).map_err(err)?;
+        snap.refs.push(StoredRef {
+            id,
+            path: PathBuf::from(std::ffi::OsString::from_vec(path)),
+            file: FileKey {
+                dev: u(r.get(2).map_err(err)?),
+                ino: u(r.get(3).map_err(err)?),
+                born: u(r.get(4).map_err(err)?),
+            },
+            size: u(r.get(5).map_err(err)?),
+            filename: r.get(6).map_err(err)?,
+            content_type: r.get(7).map_err(err)?,
+            source: r.get(8).map_err(err)?,
+            policy: if policy == 0 {
+                CleanupPolicy::DeleteOnCleanup
+            } else {
+                CleanupPolicy::ForgetOnly
+            },
+            stored_at: u(r.get(10).map_err(err)?),
+            holds: vec![(name, u(made_at))],
+        });
+    }
+    let mut q = conn
+        .prepare("SELECT scope, touched_at FROM scope_touch")
+        .map_err(err)?;
+    let mut rows = q.query([]).map_err(err)?;
+    while let Some(r) = rows.next().map_err(err)? {
+        snap.touches
+            .push((r.get(0).map_err(err)?, u(r.get(1).map_err(err)?)));
+    }
+    let mut q = conn
+        .prepare("SELECT dev, ino, born, path FROM pending_deletes ORDER BY dev, ino, born")
+        .map_err(err)?;
+    let mut rows = q.query([]).map_err(err)?;
+    while let Some(r) = rows.next().map_err(err)? {
+        let key = FileKey {
+            dev: u(r.get(0).map_err(err)?),
+            ino: u(r.get(1).map_err(err)?),
+            born: u(r.get(2).map_err(err)?),
+        };
+        let path: Vec<u8> = r.get(3).map_err(err)?;
+        let path = PathBuf::from(std::ffi::OsString::from_vec(path));
+        match snap.pending.last_mut().filter(|(k, _)| *k == key) {
+            Some((_, paths)) => paths.push(path),
+            None => snap.pending.push((key, vec![path])),
+        }
+    }
+    Ok(snap)
+}

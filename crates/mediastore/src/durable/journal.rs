@@ -1,0 +1,247 @@
+//! Group commit: callers queue changes and wait; one writer thread commits
+//! whatever has queued up in a single transaction, so one fsync covers every
+//! change that arrived while the previous one was running.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use mediastore_core::{Error, Result};
+use parking_lot::{Condvar, Mutex};
+use rusqlite::Connection;
+use tokio::sync::watch;
+
+use super::index;
+use crate::local::{Journal, Op};
+
+/// Where the writer stands, published to waiters.
+#[derive(Clone, Debug, Default)]
+struct Committed {
+    /// Every change up to this sequence number is durable.
+    seq: u64,
+    /// Set when a commit failed; the journal takes no more changes.
+    failed: Option<Arc<str>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    ops: Vec<Op>,
+    /// Sequence number of the last queued change.
+    last: u64,
+    closing: bool,
+    failed: Option<Arc<str>>,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    committed: watch::Sender<Committed>,
+}
+
+/// Counters of the writer, for benches and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JournalStats {
+    /// Transactions committed (each one fsync of the log).
+    pub commits: u64,
+    /// Changes committed.
+    pub changes: u64,
+}
+
+/// The SQLite journal with its writer thread.
+pub struct SqliteJournal {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<Connection>>>,
+    stats: Arc<Mutex<JournalStats>>,
+    path: PathBuf,
+}
+
+impl SqliteJournal {
+    /// Starts the writer on an open, migrated index.
+    pub fn start(conn: Connection, path: PathBuf) -> Result<Self> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            committed: watch::Sender::new(Committed::default()),
+        });
+        let stats = Arc::new(Mutex::new(JournalStats::default()));
+        let writer = {
+            let (shared, stats) = (shared.clone(), stats.clone());
+            std::thread::Builder::new()
+                .name("mediastore-journal".into())
+                .spawn(move || write_loop(conn, &shared, &stats))
+                .map_err(|e| Error::io("starting the journal writer", e))?
+        };
+        Ok(Self {
+            shared,
+            writer: Mutex::new(Some(writer)),
+            stats,
+            path,
+        })
+    }
+
+    /// Waits until change `seq` is durable. Sequence 0 means "nothing to
+    /// wait for".
+    pub async fn wait(&self, seq: u64) -> Result<()> {
+        if seq == 0 {
+            return Ok(());
+        }
+        let mut rx = self.shared.committed.subscribe();
+        let state = rx
+            .wait_for(|c| c.seq >= seq || c.failed.is_some())
+            .await
+            .map_err(|_| {
+                Error::io(
+                    "waiting for the journal",
+                    std::io::Error::other("journal writer is gone"),
+                )
+            })?
+            .clone();
+        if state.seq >= seq {
+            return Ok(());
+        }
+        Err(failed_error(state.failed.as_deref().unwrap_or("unknown")))
+    }
+
+    /// Waits, blocking the thread, until everything queued is durable.
+    pub fn flush_blocking(&self) -> Result<()> {
+        let last = self.shared.queue.lock().last;
+        let mut rx = self.shared.committed.subscribe();
+        loop {
+            let state = rx.borrow_and_update().clone();
+            if state.seq >= last {
+                return Ok(());
+            }
+            if let Some(f) = state.failed {
+                return Err(failed_error(&f));
+            }
+            // Changes are rare at close; a short sleep keeps this simple
+            // and usable outside any runtime.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Commits what is queued, stops the writer and closes the index.
+    pub fn close(&self) -> Result<()> {
+        {
+            let mut q = self.shared.queue.lock();
+            q.closing = true;
+        }
+        self.shared.wake.notify_all();
+        let writer = self.writer.lock().take();
+        if let Some(w) = writer {
+            let conn = w.join().map_err(|_| {
+                Error::io(
+                    "closing the journal",
+                    std::io::Error::other("writer panicked"),
+                )
+            })?;
+            conn.close().map_err(|(_, e)| {
+                Error::io(
+                    format!("closing {}", self.path.display()),
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
+        }
+        match self.shared.committed.borrow().failed.clone() {
+            Some(f) => Err(failed_error(&f)),
+            None => Ok(()),
+        }
+    }
+
+    /// Commits and changes so far.
+    pub fn stats(&self) -> JournalStats {
+        *self.stats.lock()
+    }
+}
+
+fn failed_error(why: &str) -> Error {
+    Error::io(
+        "the index could not be written; changes since the last commit were not saved and the store refuses further changes until reopened",
+        std::io::Error::other(why.to_string()),
+    )
+}
+
+impl Journal for SqliteJournal {
+    fn push(&self, op: Op) -> Result<u64> {
+        let mut q = self.shared.queue.lock();
+        if let Some(f) = &q.failed {
+            return Err(failed_error(f));
+        }
+        if q.closing {
+            return Err(Error::io(
+                "journal",
+                std::io::Error::other("the store is closing"),
+            ));
+        }
+        q.ops.push(op);
+        q.last += 1;
+        let seq = q.last;
+        drop(q);
+        self.shared.wake.notify_one();
+        Ok(seq)
+    }
+}
+
+impl Drop for SqliteJournal {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(error = %e, "closing the journal");
+        }
+    }
+}
+
+fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>) -> Connection {
+    let mut batch = Vec::new();
+    loop {
+        let last = {
+            let mut q = shared.queue.lock();
+            while q.ops.is_empty() && !q.closing {
+                shared.wake.wait(&mut q);
+            }
+            if q.ops.is_empty() {
+                return conn;
+            }
+            std::mem::swap(&mut batch, &mut q.ops);
+            q.last
+        };
+        let result = (|| {
+            let tx = conn.transaction()?;
+            for op in &batch {
+                index::apply(&tx, op)?;
+            }
+            tx.commit()
+        })();
+        let changes = batch.len() as u64;
+        batch.clear();
+        match result {
+            Ok(()) => {
+                {
+                    let mut s = stats.lock();
+                    s.commits += 1;
+                    s.changes += changes;
+                }
+                shared.committed.send_modify(|c| c.seq = last);
+            }
+            Err(e) => {
+                let why: Arc<str> = index::write_error(e).to_string().into();
+                tracing::error!(error = %why, "index commit failed; the store refuses further changes");
+                shared.queue.lock().failed = Some(why.clone());
+                shared.committed.send_modify(|c| c.failed = Some(why));
+                // Keep draining so no waiter hangs; nothing more is written.
+                let mut q = shared.queue.lock();
+                q.ops.clear();
+                if q.closing {
+                    return conn;
+                }
+                drop(q);
+                loop {
+                    let mut q = shared.queue.lock();
+                    if q.closing {
+                        return conn;
+                    }
+                    shared.wake.wait(&mut q);
+                }
+            }
+        }
+    }
+}

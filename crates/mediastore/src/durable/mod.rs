@@ -1,0 +1,1038 @@
+//! The durable embedded engine: the in-memory core for every read, a SQLite
+//! index written through a group-commit journal for every change, and a
+//! managed, content-addressed file store for ingested bytes.
+//!
+//! Layout of a data dir:
+//!
+//! ```text
+//! <data>/LOCK                  flock'ed while a store has the dir open
+//! <data>/index.sqlite (+ -wal) refs, holds, scopes, pending deletions
+//! <data>/blobs/<aa>/<sha256>   managed files, named by their digest
+//! <data>/blobs/.incoming/      ingest temp files (removed on open)
+//! ```
+
+mod index;
+mod ingest;
+mod journal;
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use mediastore_core::{
+    CleanupPolicy, Core, CoreConfig, Deletion, Dropped, Error, Expiry, FileKey, FileStatus,
+    MediaMeta, MediaRef, Registration, Resolved, Result, ScopeRule, Timestamp,
+};
+use parking_lot::{Mutex, RwLock};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+pub use index::FORMAT_VERSION;
+pub use ingest::{decide_content_type, sanitize_filename};
+pub use journal::JournalStats;
+
+use crate::api::{MediaStore, ReleaseReport, Stats, SweepReport};
+use crate::clock::{Clock, SystemClock};
+use crate::fsops::{self, Deleted, OwnedRoots};
+use crate::local::{Local, Op, Tally};
+use journal::SqliteJournal;
+
+const INDEX_FILE: &str = "index.sqlite";
+const LOCK_FILE: &str = "LOCK";
+const BLOBS: &str = "blobs";
+const INCOMING: &str = ".incoming";
+/// Bytes of a stream kept for content sniffing.
+const SNIFF_BYTES: usize = 8192;
+/// Read size while streaming into a managed file.
+const CHUNK: usize = 256 * 1024;
+
+/// Size limits of managed ingest. `None` means unlimited.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quotas {
+    /// Largest single object a `put` accepts.
+    pub max_object_bytes: Option<u64>,
+    /// Most bytes the refs held by one scope may add up to (checked by `put`).
+    pub max_scope_bytes: Option<u64>,
+    /// Most bytes the managed dir may hold.
+    pub max_total_bytes: Option<u64>,
+}
+
+impl Default for Quotas {
+    /// 1 GiB per object; no scope or total limit.
+    fn default() -> Self {
+        Self {
+            max_object_bytes: Some(1 << 30),
+            max_scope_bytes: None,
+            max_total_bytes: None,
+        }
+    }
+}
+
+/// Per-call limits of a `put`, on top of the store's [`Quotas`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PutLimits {
+    /// Largest object this call accepts.
+    pub max_bytes: Option<u64>,
+}
+
+/// What a `put` stored.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PutReport {
+    /// The new ref.
+    pub media_ref: MediaRef,
+    /// Bytes stored.
+    pub size: u64,
+    /// SHA-256 of the bytes, lowercase hex.
+    pub sha256: String,
+    /// The content type decided (see [`decide_content_type`]).
+    pub content_type: String,
+    /// The sanitised filename kept as metadata.
+    pub filename: String,
+    /// True when identical bytes were already stored and are now shared.
+    pub deduplicated: bool,
+}
+
+/// What an orphan sweep removed from the managed dir.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OrphanReport {
+    /// Managed files no ref names, older than the grace period, removed.
+    pub files_removed: u64,
+    /// Their bytes.
+    pub bytes_freed: u64,
+    /// Unreferenced files kept because they are younger than the grace.
+    pub kept_young: u64,
+    /// Symlinks and other non-files found in the managed dir, removed
+    /// without being followed.
+    pub strays_removed: u64,
+}
+
+/// What opening a data dir found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct OpenReport {
+    /// Refs restored.
+    pub refs: u64,
+    /// Holds restored.
+    pub holds: u64,
+    /// Refs whose file is missing or was replaced while the store was
+    /// closed. They stay registered (resolving works, opening reports
+    /// `FileVanished`) until released or expired.
+    pub vanished: Vec<(MediaRef, PathBuf)>,
+    /// Deletions that were due at the last shutdown or crash and are now done.
+    pub deletions_completed: u64,
+    /// Ingest temp files left by an interrupted `put`, removed.
+    pub temp_files_removed: u64,
+    /// The orphan sweep run at open.
+    pub orphans: OrphanReport,
+    /// How long opening took.
+    pub took_ms: u64,
+}
+
+/// Builds a [`DurableStore`].
+pub struct DurableStoreBuilder {
+    data_dir: PathBuf,
+    owned_roots: Vec<PathBuf>,
+    max_age: Option<Duration>,
+    rules: Vec<ScopeRule>,
+    clock: Arc<dyn Clock>,
+    orphan_grace: Duration,
+    quotas: Quotas,
+}
+
+impl DurableStoreBuilder {
+    /// Adds a directory outside the data dir under which the store owns
+    /// (and may delete) files registered with `store`.
+    pub fn owned_root(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.owned_roots.push(dir.into());
+        self
+    }
+
+    /// Default max age of holds; zero means holds never expire.
+    pub fn max_age(mut self, max_age: Duration) -> Self {
+        self.max_age = Some(max_age);
+        self
+    }
+
+    /// Adds a per-prefix expiry rule (longest prefix wins).
+    pub fn scope_rule(mut self, prefix: impl Into<String>, expiry: Expiry) -> Self {
+        self.rules.push(ScopeRule {
+            prefix: prefix.into(),
+            expiry,
+        });
+        self
+    }
+
+    /// Replaces the system clock (tests).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// How old an unreferenced managed file must be before an orphan sweep
+    /// removes it (default one hour). A crash between writing a managed
+    /// file and recording its ref leaves such a file.
+    pub fn orphan_grace(mut self, grace: Duration) -> Self {
+        self.orphan_grace = grace;
+        self
+    }
+
+    /// Sets the ingest quotas.
+    pub fn quotas(mut self, quotas: Quotas) -> Self {
+        self.quotas = quotas;
+        self
+    }
+
+    /// Opens the data dir (creating it if needed), recovers its state and
+    /// starts the journal writer. Blocking: call it before serving, or from
+    /// `spawn_blocking`.
+    pub fn open(self) -> Result<DurableStore> {
+        DurableStore::open_with(self)
+    }
+}
+
+/// The durable embedded engine.
+///
+/// Every change (`store`, `put`, `retain`, `touch`, `set_scope_expiry`,
+/// `release_all`, sweeps) is applied in memory, journaled, and returns only
+/// once the journal has committed it to disk; concurrent changes share one
+/// commit (group commit). Lookups never touch the disk.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// use mediastore::{DurableStore, MediaMeta, MediaStore, PutLimits};
+/// let dir = tempfile::tempdir()?;
+/// let store = DurableStore::builder(dir.path().join("data")).open()?;
+/// let meta = MediaMeta::new("note.txt", "text/plain", "doc");
+/// let put = store.put(&b"hello"[..], &meta, "chat:1", &PutLimits::default()).await?;
+/// assert_eq!(put.size, 5);
+/// let path = store.resolve(put.media_ref).await?;
+/// assert_eq!(std::fs::read(&*path)?, b"hello");
+/// drop(store);
+/// // Reopening restores the ref.
+/// let store = DurableStore::builder(dir.path().join("data")).open()?;
+/// assert_eq!(store.refs_in("chat:1").await?, vec![put.media_ref]);
+/// store.release_all("chat:1").await?;
+/// assert!(!path.exists());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
+pub struct DurableStore {
+    local: Local,
+    journal: Arc<SqliteJournal>,
+    data_dir: PathBuf,
+    blobs: PathBuf,
+    incoming: PathBuf,
+    quotas: Quotas,
+    orphan_grace: Duration,
+    /// Bytes of managed files with refs, plus bytes reserved by puts in
+    /// flight (`reserved`).
+    managed_bytes: AtomicU64,
+    reserved: Mutex<Reservations>,
+    /// Puts hold it shared from placing a managed file until its ref is
+    /// recorded; orphan sweeps hold it exclusively.
+    ingest: RwLock<()>,
+    report: OpenReport,
+    /// Dropped last: the data dir stays locked until the journal is closed.
+    _lock: File,
+}
+
+#[derive(Default)]
+struct Reservations {
+    total: u64,
+    by_scope: HashMap<String, u64>,
+}
+
+fn lock_data_dir(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::WOULDBLOCK) => {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            return Err(Error::InUse {
+                path: dir.to_path_buf(),
+                holder: if holder.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({holder})")
+                },
+            });
+        }
+        Err(e) => return Err(Error::io(format!("locking {}", path.display()), e.into())),
+    }
+    file.set_len(0)
+        .and_then(|()| write!(file, "pid {}", std::process::id()))
+        .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    Ok(file)
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let meta = fs::symlink_metadata(path)
+                .map_err(|e| Error::io(format!("checking {}", path.display()), e))?;
+            if meta.is_dir() {
+                Ok(())
+            } else {
+                Err(Error::io(
+                    format!("{} must be a directory", path.display()),
+                    io::Error::from(io::ErrorKind::NotADirectory),
+                ))
+            }
+        }
+        Err(e) => Err(Error::io(format!("creating {}", path.display()), e)),
+    }
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("syncing directory {}", path.display()), e))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// A temp file in the incoming dir, removed on drop unless kept.
+struct TempFile {
+    path: PathBuf,
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+impl DurableStore {
+    /// A builder for the data dir at `data_dir` (the conventional default
+    /// is `./mediastore-data`).
+    pub fn builder(data_dir: impl Into<PathBuf>) -> DurableStoreBuilder {
+        DurableStoreBuilder {
+            data_dir: data_dir.into(),
+            owned_roots: Vec::new(),
+            max_age: None,
+            rules: Vec::new(),
+            clock: Arc::new(SystemClock),
+            orphan_grace: Duration::from_secs(3600),
+            quotas: Quotas::default(),
+        }
+    }
+
+    fn open_with(b: DurableStoreBuilder) -> Result<Self> {
+        let started = Instant::now();
+        fs::create_dir_all(&b.data_dir)
+            .map_err(|e| Error::io(format!("creating data dir {}", b.data_dir.display()), e))?;
+        let data_dir = fs::canonicalize(&b.data_dir)
+            .map_err(|e| Error::io(format!("resolving {}", b.data_dir.display()), e))?;
+        let lock = lock_data_dir(&data_dir)?;
+        let blobs = data_dir.join(BLOBS);
+        create_dir(&blobs)?;
+        let incoming = blobs.join(INCOMING);
+        create_dir(&incoming)?;
+        let mut report = OpenReport {
+            temp_files_removed: clear_incoming(&incoming)?,
+            ..OpenReport::default()
+        };
+
+        let index_path = data_dir.join(INDEX_FILE);
+        let conn = index::open(&index_path)?;
+        let snap = index::load(&index_path, &conn)?;
+
+        let mut roots = vec![blobs.clone()];
+        roots.extend(b.owned_roots);
+        let core = Core::new(CoreConfig {
+            default_max_age: b.max_age,
+            scope_rules: b.rules,
+            record_drops: true,
+        });
+        let local = Local::new(core, OwnedRoots::new(&roots)?, b.clock);
+        restore(&local.core, &snap, &mut report)?;
+
+        let journal = Arc::new(SqliteJournal::start(conn, index_path)?);
+        let local = local.with_journal(journal.clone());
+        let store = Self {
+            local,
+            journal,
+            data_dir,
+            blobs,
+            incoming,
+            quotas: b.quotas,
+            orphan_grace: b.orphan_grace,
+            managed_bytes: AtomicU64::new(0),
+            reserved: Mutex::new(Reservations::default()),
+            ingest: RwLock::new(()),
+            report,
+            _lock: lock,
+        };
+        let mut report = store.report.clone();
+        report.deletions_completed = store.finish_pending(snap.pending);
+        report.orphans = store.sweep_orphans_sync(store.orphan_grace)?;
+        store.journal.flush_blocking()?;
+        store
+            .managed_bytes
+            .store(store.scan_managed_bytes()?, Ordering::Relaxed);
+        report.took_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            refs = report.refs,
+            vanished = report.vanished.len(),
+            deletions = report.deletions_completed,
+            orphans = report.orphans.files_removed,
+            took_ms = report.took_ms,
+            "media store opened"
+        );
+        Ok(Self { report, ..store })
+    }
+
+    /// What opening the data dir found and did.
+    pub fn open_report(&self) -> &OpenReport {
+        &self.report
+    }
+
+    /// The data dir, canonicalised.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The managed dir (inside the data dir).
+    pub fn managed_dir(&self) -> &Path {
+        &self.blobs
+    }
+
+    /// The state machine, for introspection and invariant checks in tests.
+    pub fn core(&self) -> &Core {
+        &self.local.core
+    }
+
+    /// Commits made by the journal so far.
+    pub fn journal_stats(&self) -> JournalStats {
+        self.journal.stats()
+    }
+
+    /// Bytes of managed files (plus puts in flight).
+    pub fn managed_bytes(&self) -> u64 {
+        self.managed_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The SHA-256 of a managed ref's bytes (its managed file's name), or
+    /// `None` for a ref to an external file.
+    pub fn digest(&self, resolved: &Resolved) -> Option<String> {
+        let rel = resolved.path.strip_prefix(&self.blobs).ok()?;
+        let name = rel.file_name()?.to_str()?;
+        (name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit())).then(|| name.to_string())
+    }
+
+    /// Commits everything queued and closes the index. Later changes fail;
+    /// dropping the store does the same.
+    pub fn close(&self) -> Result<()> {
+        self.journal.close()
+    }
+
+    /// Removes managed files that no ref names and that are older than
+    /// `grace`, and anything in the managed dir that is not a plain file.
+    pub async fn sweep_orphans(&self, grace: Duration) -> Result<OrphanReport> {
+        self.sweep_orphans_sync(grace)
+    }
+
+    fn sweep_orphans_sync(&self, grace: Duration) -> Result<OrphanReport> {
+        let _exclusive = self.ingest.write();
+        let mut report = OrphanReport::default();
+        let now = SystemTime::now();
+        let read = |dir: &Path| {
+            fs::read_dir(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))
+        };
+        for shard in read(&self.blobs)? {
+            let shard = shard.map_err(|e| Error::io("reading the managed dir", e))?;
+            if shard.file_name() == INCOMING {
+                continue;
+            }
+            let shard_path = shard.path();
+            let kind = shard
+                .file_type()
+                .map_err(|e| Error::io(format!("checking {}", shard_path.display()), e))?;
+            if !kind.is_dir() {
+                // Only our two-level layout belongs here; a planted symlink
+                // is removed itself, never followed.
+                remove_stray(&shard_path, &mut report);
+                continue;
+            }
+            for entry in read(&shard_path)? {
+                let entry = entry.map_err(|e| Error::io("reading the managed dir", e))?;
+                let path = entry.path();
+                let Ok(meta) = fs::symlink_metadata(&path) else {
+                    continue;
+                };
+                if !meta.is_file() {
+                    if meta.is_dir() {
+                        tracing::warn!(path = %path.display(), "unexpected directory in the managed dir; left alone");
+                    } else {
+                        remove_stray(&path, &mut report);
+                    }
+                    continue;
+                }
+                if self
+                    .local
+                    .core
+                    .file_status(fsops::file_key(&meta))
+                    .is_some()
+                {
+                    continue;
+                }
+                let age = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| now.duration_since(m).ok())
+                    .unwrap_or_default();
+                if age < grace {
+                    report.kept_young += 1;
+                    continue;
+                }
+                match fs::remove_file(&path) {
+                    Ok(()) => {
+                        report.files_removed += 1;
+                        report.bytes_freed += meta.len();
+                    }
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "could not remove orphan")
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn scan_managed_bytes(&self) -> Result<u64> {
+        let mut total = 0;
+        for shard in
+            fs::read_dir(&self.blobs).map_err(|e| Error::io("reading the managed dir", e))?
+        {
+            let shard = shard.map_err(|e| Error::io("reading the managed dir", e))?;
+            if shard.file_name() == INCOMING || !shard.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            for entry in
+                fs::read_dir(shard.path()).map_err(|e| Error::io("reading the managed dir", e))?
+            {
+                let entry = entry.map_err(|e| Error::io("reading the managed dir", e))?;
+                if let Some(meta) = entry.metadata().ok().filter(|m| m.is_file()) {
+                    total += meta.len();
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Completes deletions that were decided and committed but not
+    /// confirmed before the last shutdown.
+    fn finish_pending(&self, pending: Vec<(FileKey, Vec<PathBuf>)>) -> u64 {
+        let mut done = 0;
+        for (file, paths) in pending {
+            if self.local.core.file_status(file).is_some() {
+                // Registered again since: the file is live, not due.
+                self.note(Op::Deleted { file });
+                continue;
+            }
+            let d = Deletion {
+                file,
+                paths: paths.into_iter().map(Arc::from).collect(),
+                size: 0,
+            };
+            match fsops::delete_file(&d, &self.local.roots) {
+                Deleted::Done { files, .. } => {
+                    done += files;
+                    self.note(Op::Deleted { file });
+                }
+                Deleted::Failed { path, error, retry } => {
+                    tracing::warn!(path = %path.display(), %error, "could not finish a deletion due before the last shutdown");
+                    if !retry {
+                        self.note(Op::Deleted { file });
+                    }
+                }
+            }
+        }
+        done
+    }
+
+    fn note(&self, op: Op) {
+        use crate::local::Journal;
+        if let Err(e) = self.journal.push(op) {
+            tracing::warn!(error = %e, "could not journal a finished deletion");
+        }
+    }
+
+    /// Bytes held by `scope`'s refs.
+    fn scope_bytes(&self, scope: &str) -> Result<u64> {
+        let core = &self.local.core;
+        let mut total = 0;
+        for r in core.refs_in(scope)? {
+            if let Ok(res) = core.resolve(r) {
+                total += core.file_size(res.file).unwrap_or(0);
+            }
+        }
+        Ok(total)
+    }
+
+    /// The largest object a put into `scope` may write now, and the error
+    /// to give when a stream goes past it. Streams are cut off there; the
+    /// exact check is [`DurableStore::reserve`], once the size is known.
+    fn room(&self, scope: &str, limits: &PutLimits) -> Result<(u64, Error)> {
+        let mut room = u64::MAX;
+        let mut why = Error::TooLarge { limit: u64::MAX };
+        for limit in [limits.max_bytes, self.quotas.max_object_bytes]
+            .into_iter()
+            .flatten()
+        {
+            if limit < room {
+                (room, why) = (limit, Error::TooLarge { limit });
+            }
+        }
+        let reserved = self.reserved.lock();
+        if let Some(limit) = self.quotas.max_scope_bytes {
+            let used =
+                self.scope_bytes(scope)? + reserved.by_scope.get(scope).copied().unwrap_or(0);
+            if limit.saturating_sub(used) < room {
+                room = limit.saturating_sub(used);
+                why = Error::QuotaExceeded {
+                    quota: "scope",
+                    limit,
+                    used,
+                    wanted: 0,
+                };
+            }
+        }
+        if let Some(limit) = self.quotas.max_total_bytes {
+            let used = self.managed_bytes() + reserved.total;
+            if limit.saturating_sub(used) < room {
+                room = limit.saturating_sub(used);
+                why = Error::QuotaExceeded {
+                    quota: "total",
+                    limit,
+                    used,
+                    wanted: 0,
+                };
+            }
+        }
+        Ok((room, why))
+    }
+
+    /// Checks every limit for an object of `size` bytes against usage plus
+    /// the reservations of other puts in flight, and reserves it. Identical
+    /// content already stored (`new_blob` false) adds nothing to the total.
+    fn reserve(&self, scope: &str, size: u64, new_blob: bool, limits: &PutLimits) -> Result<()> {
+        for limit in [limits.max_bytes, self.quotas.max_object_bytes]
+            .into_iter()
+            .flatten()
+        {
+            if size > limit {
+                return Err(Error::TooLarge { limit });
+            }
+        }
+        let mut r = self.reserved.lock();
+        if let Some(limit) = self.quotas.max_scope_bytes {
+            let used = self.scope_bytes(scope)? + r.by_scope.get(scope).copied().unwrap_or(0);
+            if used + size > limit {
+                return Err(Error::QuotaExceeded {
+                    quota: "scope",
+                    limit,
+                    used,
+                    wanted: size,
+                });
+            }
+        }
+        if let (Some(limit), true) = (self.quotas.max_total_bytes, new_blob) {
+            let used = self.managed_bytes() + r.total;
+            if used + size > limit {
+                return Err(Error::QuotaExceeded {
+                    quota: "total",
+                    limit,
+                    used,
+                    wanted: size,
+                });
+            }
+        }
+        *r.by_scope.entry(scope.to_string()).or_default() += size;
+        if new_blob {
+            r.total += size;
+        }
+        Ok(())
+    }
+
+    fn unreserve(&self, scope: &str, size: u64, new_blob: bool) {
+        let mut r = self.reserved.lock();
+        if let Some(v) = r.by_scope.get_mut(scope) {
+            *v -= size;
+            if *v == 0 {
+                r.by_scope.remove(scope);
+            }
+        }
+        if new_blob {
+            r.total -= size;
+        }
+    }
+
+    /// Streams `reader` into the managed dir and registers it under `scope`.
+    ///
+    /// The bytes go to a temp file in the managed dir, are hashed on the
+    /// way, fsync'ed, and linked into place under their digest (identical
+    /// content is stored once and shared); the directory is fsync'ed before
+    /// the ref is recorded. A stream over the size limit or a quota is cut
+    /// off while streaming and leaves nothing behind. `meta.filename` is
+    /// kept only after [`sanitize_filename`]; the content type is decided by
+    /// [`decide_content_type`]. Managed files are always `delete_on_cleanup`.
+    pub async fn put<R: AsyncRead + Unpin + Send>(
+        &self,
+        mut reader: R,
+        meta: &MediaMeta,
+        scope: &str,
+        limits: &PutLimits,
+    ) -> Result<PutReport> {
+        mediastore_core::validate_scope(scope)?;
+        let (room, why) = self.room(scope, limits)?;
+        let temp = TempFile {
+            path: self
+                .incoming
+                .join(uuid::Uuid::new_v4().simple().to_string()),
+        };
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp.path)
+            .map_err(|e| Error::io("creating an ingest temp file", e))?;
+        let mut hasher = Sha256::new();
+        let mut head = Vec::with_capacity(SNIFF_BYTES);
+        let mut size: u64 = 0;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .await
+                .map_err(|e| Error::io("reading the upload", e))?;
+            if n == 0 {
+                break;
+            }
+            size += n as u64;
+            if size > room {
+                return Err(match why {
+                    Error::QuotaExceeded {
+                        quota, limit, used, ..
+                    } => Error::QuotaExceeded {
+                        quota,
+                        limit,
+                        used,
+                        wanted: size,
+                    },
+                    other => other,
+                });
+            }
+            let chunk = &buf[..n];
+            if head.len() < SNIFF_BYTES {
+                let take = (SNIFF_BYTES - head.len()).min(n);
+                head.extend_from_slice(&chunk[..take]);
+            }
+            hasher.update(chunk);
+            file.write_all(chunk)
+                .map_err(|e| Error::io("writing an ingest temp file", e))?;
+        }
+        let digest = hasher.finalize();
+        let sha = hex(&digest);
+        let filename = sanitize_filename(meta.filename.as_bytes());
+        let content_type = decide_content_type(&head, &meta.content_type, &filename);
+        let stored_meta =
+            MediaMeta::new(filename.clone(), content_type.clone(), meta.source.clone())
+                .with_policy(CleanupPolicy::DeleteOnCleanup);
+        let shard_dir = self.blobs.join(&sha[..2]);
+        let target = shard_dir.join(&sha);
+        // fsync of the bytes off the async workers: it takes milliseconds.
+        let file = tokio::task::spawn_blocking(move || file.sync_all().map(|()| file))
+            .await
+            .map_err(|e| Error::io("syncing an ingest temp file", io::Error::other(e)))?
+            .map_err(|e| Error::io("syncing an ingest temp file", e))?;
+        drop(file);
+
+        let new_blob = fs::symlink_metadata(&target).is_err();
+        self.reserve(scope, size, new_blob, limits)?;
+        let result = self
+            .place_and_register(
+                &temp.path,
+                &shard_dir,
+                &target,
+                &stored_meta,
+                scope,
+                &digest,
+            )
+            .await;
+        self.unreserve(scope, size, new_blob);
+        let (media_ref, created) = result?;
+        if created {
+            self.managed_bytes.fetch_add(size, Ordering::Relaxed);
+        }
+        Ok(PutReport {
+            media_ref,
+            size,
+            sha256: sha,
+            content_type,
+            filename,
+            deduplicated: !created,
+        })
+    }
+
+    /// Links the temp file into place (or finds identical content already
+    /// there) and records the ref; durable on return.
+    async fn place_and_register(
+        &self,
+        temp: &Path,
+        shard_dir: &Path,
+        target: &Path,
+        meta: &MediaMeta,
+        scope: &str,
+        digest: &[u8],
+    ) -> Result<(MediaRef, bool)> {
+        let sha: [u8; 32] = digest.try_into().expect("sha256 is 32 bytes");
+        for _ in 0..10_000 {
+            match self.place_once(temp, shard_dir, target, meta, scope, sha)? {
+                Some((pending, created)) => {
+                    self.journal.wait(pending.seq).await?;
+                    return Ok((pending.value, created));
+                }
+                // The existing copy is being deleted: let the deletion
+                // finish, then place ours.
+                None => tokio::task::yield_now().await,
+            }
+        }
+        Err(Error::Conflict(
+            "managed file kept being deleted during put",
+        ))
+    }
+
+    /// One attempt of [`DurableStore::place_and_register`]; `None` when an
+    /// identical managed file is being deleted and the caller should retry.
+    fn place_once(
+        &self,
+        temp: &Path,
+        shard_dir: &Path,
+        target: &Path,
+        meta: &MediaMeta,
+        scope: &str,
+        sha: [u8; 32],
+    ) -> Result<Option<(crate::local::Pending<MediaRef>, bool)>> {
+        let _shared = self.ingest.read();
+        if fs::symlink_metadata(shard_dir).is_err() {
+            create_dir(shard_dir)?;
+            sync_dir(&self.blobs)?;
+        }
+        // A hard link never replaces: a file that is already there (same
+        // digest, same bytes) is shared instead.
+        let created = match fs::hard_link(temp, target) {
+            Ok(()) => {
+                sync_dir(shard_dir)?;
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(Error::io(format!("placing {}", target.display()), e)),
+        };
+        match self.local.store(target, meta, scope, Some(sha)) {
+            Ok(p) => Ok(Some((p, created))),
+            Err(e) if e.is_not_found() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn drop_and_delete(&self, dropped: Dropped, seq: u64) -> Result<Dropped> {
+        self.journal.wait(seq).await?;
+        let managed: u64 = dropped
+            .deletions
+            .iter()
+            .filter(|d| d.paths.iter().any(|p| p.starts_with(&self.blobs)))
+            .map(|d| d.size)
+            .sum();
+        self.managed_bytes
+            .fetch_sub(managed.min(self.managed_bytes()), Ordering::Relaxed);
+        Ok(dropped)
+    }
+}
+
+fn remove_stray(path: &Path, report: &mut OrphanReport) {
+    tracing::warn!(path = %path.display(), "removing a non-file from the managed dir");
+    if fs::remove_file(path).is_ok() {
+        report.strays_removed += 1;
+    }
+}
+
+fn clear_incoming(dir: &Path) -> Result<u64> {
+    let mut removed = 0;
+    for entry in
+        fs::read_dir(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
+    {
+        let entry = entry.map_err(|e| Error::io("reading the ingest dir", e))?;
+        if fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Loads the index snapshot into a fresh core.
+fn restore(core: &Core, snap: &index::Snapshot, report: &mut OpenReport) -> Result<()> {
+    for (scope, expiry) in &snap.expiry {
+        core.set_scope_expiry(scope, *expiry)?;
+    }
+    // Stat each distinct path once; many refs usually share a file.
+    let mut keys: HashMap<&Path, Option<FileKey>> = HashMap::new();
+    for r in &snap.refs {
+        let fresh = *keys.entry(r.path.as_path()).or_insert_with(|| {
+            fs::symlink_metadata(&r.path)
+                .or_else(|_| fs::metadata(&r.path))
+                .ok()
+                .map(|m| fsops::file_key(&m))
+        });
+        // Same inode and birth time: the same file (the device number may
+        // change across reboots on some file systems).
+        let file = match fresh {
+            Some(k) if k.ino == r.file.ino && k.born == r.file.born => k,
+            _ => {
+                report.vanished.push((r.id, r.path.clone()));
+                r.file
+            }
+        };
+        let meta = MediaMeta::new(r.filename.clone(), r.content_type.clone(), r.source.clone());
+        let (first, first_made) = &r.holds[0];
+        core.register(
+            Timestamp(r.stored_at),
+            Registration {
+                id: r.id,
+                ticket: core.deletion_ticket(),
+                file,
+                path: &r.path,
+                size: r.size,
+                meta: &meta,
+                policy: r.policy,
+                scope: first,
+            },
+        )?;
+        if *first_made > r.stored_at {
+            core.retain(Timestamp(*first_made), r.id, first)?;
+        }
+        for (scope, made) in &r.holds[1..] {
+            core.retain(Timestamp(*made), r.id, scope)?;
+        }
+        report.refs += 1;
+        report.holds += r.holds.len() as u64;
+    }
+    for (scope, at) in &snap.touches {
+        core.touch(Timestamp(*at), scope)?;
+    }
+    if snap.unheld > 0 {
+        tracing::warn!(
+            rows = snap.unheld,
+            "index holds refs without any scope; ignored"
+        );
+    }
+    Ok(())
+}
+
+impl MediaStore for DurableStore {
+    async fn store(&self, path: &Path, meta: &MediaMeta, scope: &str) -> Result<MediaRef> {
+        let p = self.local.store(path, meta, scope, None)?;
+        self.journal.wait(p.seq).await?;
+        Ok(p.value)
+    }
+
+    async fn resolve(&self, media_ref: MediaRef) -> Result<Arc<Path>> {
+        Ok(self.local.core.resolve(media_ref)?.path.clone())
+    }
+
+    async fn resolve_with_meta(&self, media_ref: MediaRef) -> Result<Arc<Resolved>> {
+        self.local.core.resolve(media_ref)
+    }
+
+    async fn open(&self, media_ref: MediaRef) -> Result<(File, Arc<Resolved>)> {
+        self.local.open(media_ref)
+    }
+
+    async fn retain(&self, media_ref: MediaRef, scope: &str) -> Result<()> {
+        let p = self.local.retain(media_ref, scope)?;
+        self.journal.wait(p.seq).await
+    }
+
+    async fn release_all(&self, scope: &str) -> Result<ReleaseReport> {
+        let p = self.local.release(scope)?;
+        let dropped = self.drop_and_delete(p.value, p.seq).await?;
+        Ok(self.local.finish_release(dropped))
+    }
+
+    async fn touch(&self, scope: &str) -> Result<usize> {
+        let p = self.local.touch(scope)?;
+        self.journal.wait(p.seq).await?;
+        Ok(p.value)
+    }
+
+    async fn set_scope_expiry(&self, scope: &str, expiry: Expiry) -> Result<()> {
+        let p = self.local.set_scope_expiry(scope, expiry)?;
+        self.journal.wait(p.seq).await
+    }
+
+    async fn clean_expired(&self) -> Result<SweepReport> {
+        let local = &self.local;
+        let now = local.now();
+        let mut tally = Tally::default();
+        let retries = local.core.retry_deletions();
+        let mut report = SweepReport {
+            retried: retries.len() as u64,
+            ..SweepReport::default()
+        };
+        local.delete_all(retries, &mut tally);
+        loop {
+            let p = local.expire_batch(now);
+            let dropped = self.drop_and_delete(p.value, p.seq).await?;
+            Local::count_batch(&mut report, &dropped);
+            let more = dropped.more;
+            local.delete_all(dropped.deletions, &mut tally);
+            if !more {
+                break;
+            }
+        }
+        report.files_deleted = tally.files;
+        report.bytes_freed = tally.bytes;
+        report.failures = tally.failures;
+        Ok(report)
+    }
+
+    async fn scopes_of(&self, media_ref: MediaRef) -> Result<Vec<String>> {
+        self.local.core.scopes_of(media_ref)
+    }
+
+    async fn refs_in(&self, scope: &str) -> Result<Vec<MediaRef>> {
+        self.local.core.refs_in(scope)
+    }
+
+    async fn file_status(&self, path: &Path) -> Result<Option<FileStatus>> {
+        let st = fsops::stat_for_store(path)?;
+        Ok(self.local.core.file_status(st.key))
+    }
+
+    async fn stats(&self) -> Result<Stats> {
+        Ok(self.local.core.stats())
+    }
+
+    fn expiry_configured(&self) -> bool {
+        self.local.core.expiry_configured()
+    }
+}

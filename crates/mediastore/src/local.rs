@@ -1,0 +1,327 @@
+//! The engine logic shared by the in-memory and the durable engine: the core
+//! plus local files, with an optional journal that records every change in
+//! the order the core applied it.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use mediastore_core::{
+    CleanupPolicy, Core, DeleteOutcome, Deletion, Dropped, Error, Expiry, FileKey, MediaMeta,
+    MediaRef, Registration, Resolved, Result, Timestamp,
+};
+use parking_lot::Mutex;
+
+use crate::api::{DeleteFailure, ReleaseReport, SweepReport};
+use crate::clock::Clock;
+use crate::fsops::{self, Deleted, OwnedRoots};
+
+/// Holds dropped per core call during a sweep; between calls no lock is held.
+pub(crate) const SWEEP_BATCH: usize = 1024;
+
+/// One change, as a journal records it.
+#[derive(Debug)]
+pub(crate) enum Op {
+    /// A new ref held by one scope.
+    Register {
+        id: MediaRef,
+        path: Arc<Path>,
+        file: FileKey,
+        size: u64,
+        meta: Arc<MediaMeta>,
+        policy: CleanupPolicy,
+        scope: Box<str>,
+        at: Timestamp,
+        sha256: Option<[u8; 32]>,
+    },
+    /// A hold added or renewed.
+    Retain {
+        id: MediaRef,
+        scope: Box<str>,
+        at: Timestamp,
+    },
+    /// A scope's holds renewed.
+    Touch { scope: Box<str>, at: Timestamp },
+    /// A scope's expiry override set or removed.
+    SetExpiry { scope: Box<str>, expiry: Expiry },
+    /// Holds dropped (a release or a sweep batch), with the files that lost
+    /// their last ref and will be deleted once this is durable.
+    Drop {
+        released: Vec<(MediaRef, Arc<str>)>,
+        deletions: Vec<(FileKey, Vec<Arc<Path>>)>,
+    },
+    /// A deletion finished (the file is gone, or was not ours to delete).
+    Deleted { file: FileKey },
+}
+
+/// Where a journaling engine sends its changes.
+pub(crate) trait Journal: Send + Sync + 'static {
+    /// Queues a change; returns its sequence number. Called with the
+    /// engine's order lock held, so the journal sees changes in core order.
+    fn push(&self, op: Op) -> Result<u64>;
+}
+
+/// A tally of deletions, shared by releases and sweeps.
+#[derive(Default)]
+pub(crate) struct Tally {
+    pub files: u64,
+    pub bytes: u64,
+    pub failures: Vec<DeleteFailure>,
+}
+
+/// The core, the owned roots, the clock and the optional journal.
+pub(crate) struct Local {
+    pub core: Core,
+    pub roots: OwnedRoots,
+    pub clock: Arc<dyn Clock>,
+    journal: Option<(Arc<dyn Journal>, Mutex<()>)>,
+}
+
+/// A change made in memory and queued in the journal under `seq` (0 when
+/// the engine has no journal): durable once the journal has committed it.
+pub(crate) struct Pending<T> {
+    pub value: T,
+    pub seq: u64,
+}
+
+impl Local {
+    pub fn new(core: Core, roots: OwnedRoots, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            core,
+            roots,
+            clock,
+            journal: None,
+        }
+    }
+
+    pub fn with_journal(mut self, journal: Arc<dyn Journal>) -> Self {
+        self.journal = Some((journal, Mutex::new(())));
+        self
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.clock.timestamp()
+    }
+
+    /// Applies `change` to the core and, if it succeeds, journals what
+    /// `record` makes of its result, both under the order lock: two changes
+    /// reach the journal in the order the core applied them.
+    fn apply<T>(
+        &self,
+        change: impl FnOnce() -> Result<T>,
+        record: impl FnOnce(&mut T) -> Option<Op>,
+    ) -> Result<Pending<T>> {
+        let Some((journal, order)) = &self.journal else {
+            return change().map(|value| Pending { value, seq: 0 });
+        };
+        let _order = order.lock();
+        let mut value = change()?;
+        let seq = match record(&mut value) {
+            Some(op) => journal.push(op)?,
+            None => 0,
+        };
+        Ok(Pending { value, seq })
+    }
+
+    /// Registers `path` (already stat'ed by the caller's `stat`) under a new
+    /// ref. Retries when a deletion finished between the stat and the core.
+    pub fn store(
+        &self,
+        path: &Path,
+        meta: &MediaMeta,
+        scope: &str,
+        sha256: Option<[u8; 32]>,
+    ) -> Result<Pending<MediaRef>> {
+        let mut attempts = 0;
+        loop {
+            let ticket = self.core.deletion_ticket();
+            let st = fsops::stat_for_store(path)?;
+            let policy = self.roots.decide(path, &st, meta.policy)?;
+            let id = MediaRef::from_random_bytes(uuid::Uuid::new_v4().into_bytes());
+            let reg = Registration {
+                id,
+                ticket,
+                file: st.key,
+                path,
+                size: st.size,
+                meta,
+                policy,
+                scope,
+            };
+            let now = self.now();
+            let done = self.apply(
+                || self.core.register(now, reg),
+                |_| {
+                    let resolved = self.core.resolve(id).ok()?;
+                    Some(Op::Register {
+                        id,
+                        path: resolved.path.clone(),
+                        file: st.key,
+                        size: st.size,
+                        meta: resolved.meta.clone(),
+                        policy,
+                        scope: scope.into(),
+                        at: now,
+                        sha256,
+                    })
+                },
+            );
+            match done {
+                Ok(p) => {
+                    return Ok(Pending {
+                        value: id,
+                        seq: p.seq,
+                    });
+                }
+                // A deletion finished between our stat and the core: the
+                // stat may describe a file that is gone, so take it again.
+                Err(Error::Conflict(_)) if attempts < 100 => attempts += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    pub fn retain(&self, id: MediaRef, scope: &str) -> Result<Pending<()>> {
+        let now = self.now();
+        self.apply(
+            || self.core.retain(now, id, scope),
+            |_| {
+                Some(Op::Retain {
+                    id,
+                    scope: scope.into(),
+                    at: now,
+                })
+            },
+        )
+    }
+
+    pub fn touch(&self, scope: &str) -> Result<Pending<usize>> {
+        let now = self.now();
+        self.apply(
+            || self.core.touch(now, scope),
+            |n| {
+                (*n > 0).then(|| Op::Touch {
+                    scope: scope.into(),
+                    at: now,
+                })
+            },
+        )
+    }
+
+    pub fn set_scope_expiry(&self, scope: &str, expiry: Expiry) -> Result<Pending<()>> {
+        self.apply(
+            || self.core.set_scope_expiry(scope, expiry),
+            |_| {
+                Some(Op::SetExpiry {
+                    scope: scope.into(),
+                    expiry,
+                })
+            },
+        )
+    }
+
+    /// Drops the scope's holds; the files to delete come back in the
+    /// `Dropped`, to be deleted by [`Local::delete_all`] once durable.
+    pub fn release(&self, scope: &str) -> Result<Pending<Dropped>> {
+        self.apply(|| self.core.release_all(scope), drop_op)
+    }
+
+    /// One sweep batch of at most [`SWEEP_BATCH`] holds.
+    pub fn expire_batch(&self, now: Timestamp) -> Pending<Dropped> {
+        self.apply(|| Ok(self.core.expire(now, SWEEP_BATCH)), drop_op)
+            .expect("expiring cannot fail before journaling")
+    }
+
+    /// Queues a change that needs no waiting (a deletion's completion).
+    fn note(&self, op: Op) {
+        if let Some((journal, order)) = &self.journal {
+            let _order = order.lock();
+            if let Err(e) = journal.push(op) {
+                tracing::warn!(error = %e, "could not journal a finished deletion; it is redone on open");
+            }
+        }
+    }
+
+    pub fn delete_all(&self, deletions: Vec<Deletion>, tally: &mut Tally) {
+        for d in deletions {
+            let file = d.file;
+            match fsops::delete_file(&d, &self.roots) {
+                Deleted::Done { files, bytes } => {
+                    tally.files += files;
+                    tally.bytes += bytes;
+                    self.core.finish_deletion(file, DeleteOutcome::Deleted);
+                    self.note(Op::Deleted { file });
+                }
+                Deleted::Failed { path, error, retry } => {
+                    tracing::warn!(path = %path.display(), %error, retry, "could not delete media file");
+                    let outcome = if retry {
+                        DeleteOutcome::Failed
+                    } else {
+                        self.note(Op::Deleted { file });
+                        DeleteOutcome::Deleted
+                    };
+                    self.core.finish_deletion(file, outcome);
+                    tally.failures.push(DeleteFailure {
+                        path,
+                        error,
+                        will_retry: retry,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Deletes a release's files and builds its report.
+    pub fn finish_release(&self, dropped: Dropped) -> ReleaseReport {
+        let mut tally = Tally::default();
+        self.delete_all(dropped.deletions, &mut tally);
+        ReleaseReport {
+            refs_released: dropped.holds,
+            refs_removed: dropped.refs_removed,
+            files_deleted: tally.files,
+            bytes_freed: tally.bytes,
+            failures: tally.failures,
+        }
+    }
+
+    /// Adds a sweep batch's counts to the report (deletions go separately).
+    pub fn count_batch(report: &mut SweepReport, dropped: &Dropped) {
+        report.refs_expired += dropped.refs_removed;
+        report.holds_expired += dropped.holds;
+        report.scopes_removed += dropped.scopes_removed;
+    }
+
+    pub fn open(&self, media_ref: MediaRef) -> Result<(File, Arc<Resolved>)> {
+        let resolved = self.core.resolve(media_ref)?;
+        let vanished = || Error::FileVanished {
+            media_ref,
+            path: resolved.path.to_path_buf(),
+        };
+        let file = match File::open(&resolved.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(vanished()),
+            Err(e) => return Err(Error::file(resolved.path.to_path_buf(), e)),
+        };
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::file(resolved.path.to_path_buf(), e))?;
+        if fsops::file_key(&meta) != resolved.file {
+            return Err(vanished());
+        }
+        Ok((file, resolved))
+    }
+}
+
+fn drop_op(dropped: &mut Dropped) -> Option<Op> {
+    if dropped.holds == 0 {
+        return None;
+    }
+    Some(Op::Drop {
+        released: std::mem::take(&mut dropped.released),
+        deletions: dropped
+            .deletions
+            .iter()
+            .map(|d| (d.file, d.paths.clone()))
+            .collect(),
+    })
+}
