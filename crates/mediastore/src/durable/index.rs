@@ -35,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;
      CREATE TABLE holds (
         scope TEXT NOT NULL, id BLOB NOT NULL, made_at INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
         PRIMARY KEY (scope, id)
      ) WITHOUT ROWID;
      CREATE INDEX holds_by_ref ON holds (id);
@@ -161,7 +162,9 @@ fn migrate(path: &Path, conn: &mut Connection) -> Result<()> {
 }
 
 /// Applies one journaled change inside the writer's transaction.
-pub fn apply(tx: &Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
+/// `seq` is the change's journal sequence number, which orders holds made
+/// in the same clock tick.
+pub fn apply(tx: &Transaction<'_>, op: &Op, seq: u64) -> rusqlite::Result<()> {
     match op {
         Op::Register {
             id,
@@ -191,9 +194,9 @@ pub fn apply(tx: &Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
                 i(at.0),
                 sha256.as_ref().map(|d| &d[..]),
             ])?;
-            retain(tx, *id, scope, at.0)
+            retain(tx, *id, scope, at.0, seq)
         }
-        Op::Retain { id, scope, at } => retain(tx, *id, scope, at.0),
+        Op::Retain { id, scope, at } => retain(tx, *id, scope, at.0, seq),
         Op::Touch { scope, at } => {
             tx.prepare_cached(
                 "INSERT INTO scope_touch VALUES (?1, ?2)
@@ -259,12 +262,20 @@ pub fn apply(tx: &Transaction<'_>, op: &Op) -> rusqlite::Result<()> {
     }
 }
 
-fn retain(tx: &Transaction<'_>, id: MediaRef, scope: &str, at: u64) -> rusqlite::Result<()> {
+fn retain(
+    tx: &Transaction<'_>,
+    id: MediaRef,
+    scope: &str,
+    at: u64,
+    seq: u64,
+) -> rusqlite::Result<()> {
+    // A renewed hold moves behind the holds made in the same tick, as in
+    // the core's queue.
     tx.prepare_cached(
-        "INSERT INTO holds VALUES (?1, ?2, ?3)
-         ON CONFLICT (scope, id) DO UPDATE SET made_at = max(made_at, excluded.made_at)",
+        "INSERT INTO holds VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (scope, id) DO UPDATE SET made_at = max(made_at, excluded.made_at), seq = excluded.seq",
     )?
-    .execute(params![scope, id.uuid().as_bytes(), i(at)])?;
+    .execute(params![scope, id.uuid().as_bytes(), i(at), i(seq)])?;
     Ok(())
 }
 
@@ -279,8 +290,8 @@ pub struct StoredRef {
     pub source: String,
     pub policy: CleanupPolicy,
     pub stored_at: u64,
-    /// (scope, made_at), at least one.
-    pub holds: Vec<(Arc<str>, u64)>,
+    /// (scope, made_at, seq), at least one.
+    pub holds: Vec<(Arc<str>, u64, u64)>,
 }
 
 /// Everything the index holds, read once at open.
@@ -293,6 +304,8 @@ pub struct Snapshot {
     pub pending: Vec<(FileKey, Vec<PathBuf>)>,
     /// Ref rows without any hold (cannot be written by this version).
     pub unheld: u64,
+    /// The highest journal sequence number recorded.
+    pub max_seq: u64,
 }
 
 fn uuid_of(bytes: &[u8]) -> Option<MediaRef> {
@@ -324,7 +337,7 @@ pub fn load(path: &Path, conn: &Connection) -> Result<Snapshot> {
     let mut q = conn
         .prepare(
             "SELECT r.id, r.path, r.dev, r.ino, r.born, r.size, r.filename, r.content_type,
-                    r.source, r.policy, r.stored_at, h.scope, h.made_at
+                    r.source, r.policy, r.stored_at, h.scope, h.made_at, h.seq
              FROM refs r LEFT JOIN holds h ON h.id = r.id ORDER BY r.id",
         )
         .map_err(err)?;
@@ -343,6 +356,8 @@ pub fn load(path: &Path, conn: &Connection) -> Result<Snapshot> {
             continue;
         };
         let made_at: i64 = r.get(12).map_err(err)?;
+        let seq = u(r.get(13).map_err(err)?);
+        snap.max_seq = snap.max_seq.max(seq);
         let name = match names.get(&scope) {
             Some(n) => n.clone(),
             None => {
@@ -352,7 +367,7 @@ pub fn load(path: &Path, conn: &Connection) -> Result<Snapshot> {
             }
         };
         if let Some(last) = snap.refs.last_mut().filter(|l| l.id == id) {
-            last.holds.push((name, u(made_at)));
+            last.holds.push((name, u(made_at), seq));
             continue;
         }
         let path: Vec<u8> = r.get(1).map_err(err)?;
@@ -375,7 +390,7 @@ pub fn load(path: &Path, conn: &Connection) -> Result<Snapshot> {
                 CleanupPolicy::ForgetOnly
             },
             stored_at: u(r.get(10).map_err(err)?),
-            holds: vec![(name, u(made_at))],
+            holds: vec![(name, u(made_at), seq)],
         });
     }
     let mut q = conn

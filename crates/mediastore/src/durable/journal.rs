@@ -57,11 +57,19 @@ pub struct SqliteJournal {
 
 impl SqliteJournal {
     /// Starts the writer on an open, migrated index.
-    pub fn start(conn: Connection, path: PathBuf) -> Result<Self> {
+    /// `base_seq` is the highest sequence number already in the index;
+    /// numbering continues from there so it keeps ordering across restarts.
+    pub fn start(conn: Connection, path: PathBuf, base_seq: u64) -> Result<Self> {
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(Queue {
+                last: base_seq,
+                ..Queue::default()
+            }),
             wake: Condvar::new(),
-            committed: watch::Sender::new(Committed::default()),
+            committed: watch::Sender::new(Committed {
+                seq: base_seq,
+                failed: None,
+            }),
         });
         let stats = Arc::new(Mutex::new(JournalStats::default()));
         let writer = {
@@ -80,7 +88,7 @@ impl SqliteJournal {
     }
 
     /// Waits until change `seq` is durable. Sequence 0 means "nothing to
-    /// wait for".
+    /// wait for" (real numbers start at 1).
     pub async fn wait(&self, seq: u64) -> Result<()> {
         if seq == 0 {
             return Ok(());
@@ -206,8 +214,9 @@ fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>
         };
         let result = (|| {
             let tx = conn.transaction()?;
-            for op in &batch {
-                index::apply(&tx, op)?;
+            let first = last + 1 - batch.len() as u64;
+            for (n, op) in batch.iter().enumerate() {
+                index::apply(&tx, op, first + n as u64)?;
             }
             tx.commit()
         })();

@@ -367,7 +367,7 @@ impl DurableStore {
         let local = Local::new(core, OwnedRoots::new(&roots)?, b.clock);
         restore(&local.core, &snap, &mut report)?;
 
-        let journal = Arc::new(SqliteJournal::start(conn, index_path)?);
+        let journal = Arc::new(SqliteJournal::start(conn, index_path, snap.max_seq)?);
         let local = local.with_journal(journal.clone());
         let store = Self {
             local,
@@ -896,46 +896,64 @@ fn restore(core: &Core, snap: &index::Snapshot, report: &mut OpenReport) -> Resu
     }
     // Stat each distinct path once; many refs usually share a file.
     let mut keys: HashMap<&Path, Option<FileKey>> = HashMap::new();
+    let mut files = Vec::with_capacity(snap.refs.len());
     for r in &snap.refs {
-        let fresh = *keys.entry(r.path.as_path()).or_insert_with(|| {
-            fs::symlink_metadata(&r.path)
-                .or_else(|_| fs::metadata(&r.path))
-                .ok()
-                .map(|m| fsops::file_key(&m))
-        });
+        let fresh = *keys
+            .entry(r.path.as_path())
+            .or_insert_with(|| fs::metadata(&r.path).ok().map(|m| fsops::file_key(&m)));
         // Same inode and birth time: the same file (the device number may
         // change across reboots on some file systems).
-        let file = match fresh {
+        files.push(match fresh {
             Some(k) if k.ino == r.file.ino && k.born == r.file.born => k,
             _ => {
                 report.vanished.push((r.id, r.path.clone()));
                 r.file
             }
-        };
-        let meta = MediaMeta::new(r.filename.clone(), r.content_type.clone(), r.source.clone());
-        let (first, first_made) = &r.holds[0];
-        core.register(
-            Timestamp(r.stored_at),
-            Registration {
-                id: r.id,
-                ticket: core.deletion_ticket(),
-                file,
-                path: &r.path,
-                size: r.size,
-                meta: &meta,
-                policy: r.policy,
-                scope: first,
-            },
-        )?;
-        if *first_made > r.stored_at {
-            core.retain(Timestamp(*first_made), r.id, first)?;
-        }
-        for (scope, made) in &r.holds[1..] {
-            core.retain(Timestamp(*made), r.id, scope)?;
-        }
-        report.refs += 1;
-        report.holds += r.holds.len() as u64;
+        });
     }
+    // Replay holds in the order they were made, so each scope's queue
+    // comes back in the same order (ties broken by journal sequence).
+    let mut order: Vec<(u64, u64, u32, u32)> = snap
+        .refs
+        .iter()
+        .enumerate()
+        .flat_map(|(ri, r)| {
+            r.holds
+                .iter()
+                .enumerate()
+                .map(move |(hi, h)| (h.1, h.2, ri as u32, hi as u32))
+        })
+        .collect();
+    order.sort_unstable();
+    let mut registered = vec![false; snap.refs.len()];
+    for (made, _, ri, hi) in order {
+        let r = &snap.refs[ri as usize];
+        let scope = &r.holds[hi as usize].0;
+        if !registered[ri as usize] {
+            registered[ri as usize] = true;
+            let meta = MediaMeta::new(r.filename.clone(), r.content_type.clone(), r.source.clone());
+            core.register(
+                Timestamp(r.stored_at),
+                Registration {
+                    id: r.id,
+                    ticket: core.deletion_ticket(),
+                    file: files[ri as usize],
+                    path: &r.path,
+                    size: r.size,
+                    meta: &meta,
+                    policy: r.policy,
+                    scope,
+                },
+            )?;
+            if made > r.stored_at {
+                core.retain(Timestamp(made), r.id, scope)?;
+            }
+        } else {
+            core.retain(Timestamp(made), r.id, scope)?;
+        }
+        report.holds += 1;
+    }
+    report.refs = snap.refs.len() as u64;
     for (scope, at) in &snap.touches {
         core.touch(Timestamp(*at), scope)?;
     }
