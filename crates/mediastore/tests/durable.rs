@@ -219,7 +219,7 @@ fn oversize_streams_and_quotas_write_nothing() {
     let before = managed_files(store.managed_dir());
     block_on(async {
         let lim = PutLimits::default();
-        let big = vec![7u8; 101];
+        let big = [7u8; 101];
         match store.put(&big[..], &meta("big"), "s", &lim).await {
             Err(Error::TooLarge { limit: 100 }) => {}
             other => panic!("expected TooLarge, got {other:?}"),
