@@ -12,6 +12,7 @@
 //! time that port in the same run, as a baseline.
 
 mod bound;
+mod durable;
 
 use std::fs;
 use std::future::Future;
@@ -30,6 +31,7 @@ use mediastore::{
 use serde_json::json;
 
 const WORKLOADS: [&str; 4] = ["turns", "delete", "memory", "sweep"];
+const DURABLE_WORKLOADS: [&str; 3] = ["turns", "put", "recovery"];
 /// The Go seed's memory per live ref (DESIGN.md §6).
 const SEED_BYTES_PER_REF: f64 = 977.0;
 
@@ -39,6 +41,8 @@ enum Engine {
     Memory,
     /// The port of the Go seed, defects included.
     Seed,
+    /// The durable embedded engine.
+    Durable,
 }
 
 impl Engine {
@@ -46,6 +50,14 @@ impl Engine {
         match self {
             Engine::Memory => "memory",
             Engine::Seed => "seed",
+            Engine::Durable => "durable",
+        }
+    }
+
+    fn workloads(self) -> &'static [&'static str] {
+        match self {
+            Engine::Durable => &DURABLE_WORKLOADS,
+            _ => &WORKLOADS,
         }
     }
 }
@@ -70,9 +82,10 @@ fn parse_args() -> Result<Args, String> {
                 args.engine = match it.next().as_deref() {
                     Some("memory") => Engine::Memory,
                     Some("seed") => Engine::Seed,
+                    Some("durable") => Engine::Durable,
                     other => {
                         return Err(format!(
-                            "unknown engine {other:?}; this build has: memory, seed"
+                            "unknown engine {other:?}; this build has: memory, seed, durable"
                         ));
                     }
                 }
@@ -80,11 +93,13 @@ fn parse_args() -> Result<Args, String> {
             "--quick" => args.quick = true,
             "-h" | "--help" => {
                 return Err(
-                    "usage: mediastore-bench [all|turns|delete|memory|sweep] [--engine memory|seed] [--quick]"
+                    "usage: mediastore-bench [all|turns|delete|memory|sweep|put|recovery] [--engine memory|seed|durable] [--quick]\n(put and recovery are durable-engine workloads; delete, memory and sweep are not)"
                         .into(),
                 );
             }
-            w if w == "all" || WORKLOADS.contains(&w) => args.workload = w.into(),
+            w if w == "all" || WORKLOADS.contains(&w) || DURABLE_WORKLOADS.contains(&w) => {
+                args.workload = w.into()
+            }
             other => return Err(format!("unknown argument {other:?} (try --help)")),
         }
     }
@@ -101,7 +116,7 @@ fn main() -> ExitCode {
     };
     if args.workload == "all" {
         let exe = std::env::current_exe().expect("own path");
-        for w in WORKLOADS {
+        for w in args.engine.workloads() {
             let mut cmd = Command::new(&exe);
             cmd.arg(w).arg("--engine").arg(args.engine.name());
             if args.quick {
@@ -114,6 +129,14 @@ fn main() -> ExitCode {
             }
         }
         return ExitCode::SUCCESS;
+    }
+    if !args.engine.workloads().contains(&args.workload.as_str()) {
+        eprintln!(
+            "workload {} does not run on engine {}",
+            args.workload,
+            args.engine.name()
+        );
+        return ExitCode::from(2);
     }
     let scale = if args.quick { 100 } else { 1 };
     let e = args.engine;
@@ -133,6 +156,9 @@ fn main() -> ExitCode {
         ("memory", Engine::Memory) => memory(e, scale, &memory_store(None)),
         ("memory", Engine::Seed) => memory(e, scale, &seed()),
         ("sweep", _) => sweep(e, scale),
+        ("turns", Engine::Durable) => durable::turns(args.quick),
+        ("put", Engine::Durable) => durable::put(args.quick),
+        ("recovery", Engine::Durable) => durable::recovery(args.quick),
         _ => unreachable!("validated"),
     }
     ExitCode::SUCCESS
@@ -568,7 +594,7 @@ fn sweep(engine: Engine, scale: usize) {
                 .build()
                 .expect("store")
         }),
-        Engine::Seed => sweep_once(refs, seed),
+        Engine::Seed | Engine::Durable => sweep_once(refs, seed),
     };
     let ms = |m: f64| (m * 10.0).round() / 10.0;
     let mut line = json!({

@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use mediastore_core::{Error, Result};
 use parking_lot::{Condvar, Mutex};
@@ -198,8 +199,13 @@ impl Drop for SqliteJournal {
     }
 }
 
+/// How long the queue must stay unchanged before a lingering writer commits.
+const QUIET: Duration = Duration::from_micros(25);
+
 fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>) -> Connection {
     let mut batch = Vec::new();
+    // How long the last commit took and how many changes it carried.
+    let mut last_commit = (Duration::ZERO, 0usize);
     loop {
         let last = {
             let mut q = shared.queue.lock();
@@ -209,9 +215,34 @@ fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>
             if q.ops.is_empty() {
                 return conn;
             }
+            // With several writers, the callers woken by the last commit
+            // queue their next change microseconds later; committing at
+            // once would split them into two cohorts that alternate,
+            // halving the changes per fsync. So while the queue keeps
+            // growing, wait a little, never longer than half a commit.
+            if last_commit.1 > 1 {
+                let start = Instant::now();
+                let limit = start + last_commit.0 / 2;
+                let mut quiet_until = start + QUIET;
+                while !q.closing {
+                    let before = q.ops.len();
+                    let timed_out = shared
+                        .wake
+                        .wait_until(&mut q, quiet_until.min(limit))
+                        .timed_out();
+                    let now = Instant::now();
+                    if now >= limit || (timed_out && q.ops.len() == before) {
+                        break;
+                    }
+                    if q.ops.len() > before {
+                        quiet_until = now + QUIET;
+                    }
+                }
+            }
             std::mem::swap(&mut batch, &mut q.ops);
             q.last
         };
+        let started = Instant::now();
         let result = (|| {
             let tx = conn.transaction()?;
             let first = last + 1 - batch.len() as u64;
@@ -221,6 +252,7 @@ fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>
             tx.commit()
         })();
         let changes = batch.len() as u64;
+        last_commit = (started.elapsed(), batch.len());
         batch.clear();
         match result {
             Ok(()) => {
