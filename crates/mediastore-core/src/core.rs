@@ -140,6 +140,9 @@ pub struct Dropped {
     /// Every dropped hold as (ref, scope), when [`CoreConfig::record_drops`]
     /// is set; empty otherwise.
     pub released: Vec<(MediaRef, Arc<str>)>,
+    /// The refs that lost their last hold, when [`CoreConfig::record_drops`]
+    /// is set; empty otherwise.
+    pub removed: Vec<MediaRef>,
 }
 
 /// How the engine's deletion attempt ended.
@@ -925,6 +928,9 @@ impl Core {
                             .push((shard.slab[slot].entry.id, scope.clone()));
                     }
                     if let Some(entry) = shard.drop_holder(slot, scope) {
+                        if self.record_drops {
+                            out.removed.push(entry.id);
+                        }
                         dead.push(entry.file);
                         freed.push(entry);
                     }

@@ -514,6 +514,17 @@ fn check_dropped(m: &Model, got: &Dropped, want: &Expect) -> TestResult {
     prop_assert_eq!(got.released.len() as u64, got.holds, "Dropped.released");
     let distinct: std::collections::HashSet<_> = got.released.iter().collect();
     prop_assert_eq!(distinct.len(), got.released.len(), "a hold released twice");
+    prop_assert_eq!(
+        got.removed.len() as u64,
+        got.refs_removed,
+        "Dropped.removed"
+    );
+    for id in &got.removed {
+        prop_assert!(
+            got.released.iter().any(|(r, _)| r == id),
+            "a removed ref lost a hold in the same call"
+        );
+    }
     prop_assert_eq!(got.refs_removed, want.refs_removed, "Dropped.refs_removed");
     prop_assert_eq!(
         got.scopes_removed,
@@ -805,6 +816,7 @@ fn apply(core: &Core, m: &mut Model, op: &Op) -> TestResult {
                 total.scopes_removed += d.scopes_removed;
                 total.deletions.extend(d.deletions);
                 total.released.extend(d.released);
+                total.removed.extend(d.removed);
                 if !d.more {
                     break;
                 }

@@ -44,10 +44,18 @@ pub(crate) enum Op {
     Touch { scope: Box<str>, at: Timestamp },
     /// A scope's expiry override set or removed.
     SetExpiry { scope: Box<str>, expiry: Expiry },
-    /// Holds dropped (a release or a sweep batch), with the files that lost
-    /// their last ref and will be deleted once this is durable.
+    /// Every hold of a scope dropped, with the refs that lost their last
+    /// hold and the files that lost their last ref and will be deleted once
+    /// this is durable.
+    Release {
+        scope: Box<str>,
+        removed: Vec<MediaRef>,
+        deletions: Vec<(FileKey, Vec<Arc<Path>>)>,
+    },
+    /// Holds dropped by a sweep batch, likewise.
     Drop {
         released: Vec<(MediaRef, Arc<str>)>,
+        removed: Vec<MediaRef>,
         deletions: Vec<(FileKey, Vec<Arc<Path>>)>,
     },
     /// A deletion finished (the file is gone, or was not ours to delete).
@@ -223,7 +231,16 @@ impl Local {
     /// Drops the scope's holds; the files to delete come back in the
     /// `Dropped`, to be deleted by [`Local::delete_all`] once durable.
     pub fn release(&self, scope: &str) -> Result<Pending<Dropped>> {
-        self.apply(|| self.core.release_all(scope), drop_op)
+        self.apply(
+            || self.core.release_all(scope),
+            |dropped| {
+                (dropped.holds > 0).then(|| Op::Release {
+                    scope: scope.into(),
+                    removed: std::mem::take(&mut dropped.removed),
+                    deletions: deletion_list(dropped),
+                })
+            },
+        )
     }
 
     /// One sweep batch of at most [`SWEEP_BATCH`] holds.
@@ -312,16 +329,18 @@ impl Local {
     }
 }
 
+fn deletion_list(dropped: &Dropped) -> Vec<(FileKey, Vec<Arc<Path>>)> {
+    dropped
+        .deletions
+        .iter()
+        .map(|d| (d.file, d.paths.clone()))
+        .collect()
+}
+
 fn drop_op(dropped: &mut Dropped) -> Option<Op> {
-    if dropped.holds == 0 {
-        return None;
-    }
-    Some(Op::Drop {
+    (dropped.holds > 0).then(|| Op::Drop {
         released: std::mem::take(&mut dropped.released),
-        deletions: dropped
-            .deletions
-            .iter()
-            .map(|d| (d.file, d.paths.clone()))
-            .collect(),
+        removed: std::mem::take(&mut dropped.removed),
+        deletions: deletion_list(dropped),
     })
 }

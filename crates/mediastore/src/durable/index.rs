@@ -38,7 +38,6 @@ const MIGRATIONS: &[&str] = &[
         seq INTEGER NOT NULL,
         PRIMARY KEY (scope, id)
      ) WITHOUT ROWID;
-     CREATE INDEX holds_by_ref ON holds (id);
      CREATE TABLE scope_touch (scope TEXT PRIMARY KEY, touched_at INTEGER NOT NULL) WITHOUT ROWID;
      CREATE TABLE scope_expiry (scope TEXT PRIMARY KEY, never INTEGER NOT NULL, nanos INTEGER NOT NULL) WITHOUT ROWID;
      CREATE TABLE pending_deletes (
@@ -219,38 +218,42 @@ pub fn apply(tx: &Transaction<'_>, op: &Op, seq: u64) -> rusqlite::Result<()> {
                 .execute(params![&**scope, never, nanos])?;
             Ok(())
         }
-        Op::Drop {
-            released,
+        Op::Release {
+            scope,
+            removed,
             deletions,
         } => {
+            tx.prepare_cached("DELETE FROM holds WHERE scope = ?1")?
+                .execute([&**scope])?;
+            tx.prepare_cached("DELETE FROM scope_touch WHERE scope = ?1")?
+                .execute([&**scope])?;
+            remove_refs(tx, removed)?;
+            pend(tx, deletions)
+        }
+        Op::Drop {
+            released,
+            removed,
+            deletions,
+        } => {
+            let mut scopes: Vec<&str> = Vec::new();
             for (id, scope) in released {
-                let id = id.uuid();
                 tx.prepare_cached("DELETE FROM holds WHERE scope = ?1 AND id = ?2")?
-                    .execute(params![&**scope, id.as_bytes()])?;
-                tx.prepare_cached(
-                    "DELETE FROM refs WHERE id = ?1 AND NOT EXISTS (SELECT 1 FROM holds WHERE id = ?1)",
-                )?
-                .execute([id.as_bytes()])?;
+                    .execute(params![&**scope, id.uuid().as_bytes()])?;
+                if scopes.last() != Some(&&**scope) {
+                    scopes.push(scope);
+                }
+            }
+            scopes.sort_unstable();
+            scopes.dedup();
+            for scope in scopes {
                 tx.prepare_cached(
                     "DELETE FROM scope_touch WHERE scope = ?1
                      AND NOT EXISTS (SELECT 1 FROM holds WHERE scope = ?1)",
                 )?
-                .execute([&**scope])?;
+                .execute([scope])?;
             }
-            for (file, paths) in deletions {
-                for p in paths {
-                    tx.prepare_cached(
-                        "INSERT OR IGNORE INTO pending_deletes VALUES (?1, ?2, ?3, ?4)",
-                    )?
-                    .execute(params![
-                        i(file.dev),
-                        i(file.ino),
-                        i(file.born),
-                        path_bytes(p)
-                    ])?;
-                }
-            }
-            Ok(())
+            remove_refs(tx, removed)?;
+            pend(tx, deletions)
         }
         Op::Deleted { file } => {
             tx.prepare_cached(
@@ -260,6 +263,32 @@ pub fn apply(tx: &Transaction<'_>, op: &Op, seq: u64) -> rusqlite::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Removes refs the core says lost their last hold.
+fn remove_refs(tx: &Transaction<'_>, removed: &[MediaRef]) -> rusqlite::Result<()> {
+    let mut q = tx.prepare_cached("DELETE FROM refs WHERE id = ?1")?;
+    for id in removed {
+        q.execute([id.uuid().as_bytes()])?;
+    }
+    Ok(())
+}
+
+/// Records files whose deletion is due, until the engine reports them done.
+fn pend(tx: &Transaction<'_>, deletions: &[(FileKey, Vec<Arc<Path>>)]) -> rusqlite::Result<()> {
+    let mut q =
+        tx.prepare_cached("INSERT OR IGNORE INTO pending_deletes VALUES (?1, ?2, ?3, ?4)")?;
+    for (file, paths) in deletions {
+        for p in paths {
+            q.execute(params![
+                i(file.dev),
+                i(file.ino),
+                i(file.born),
+                path_bytes(p)
+            ])?;
+        }
+    }
+    Ok(())
 }
 
 fn retain(
@@ -279,43 +308,123 @@ fn retain(
     Ok(())
 }
 
-/// One ref as the index holds it, with its holds.
-pub struct StoredRef {
-    pub id: MediaRef,
-    pub path: PathBuf,
+/// A byte range in [`RefTable::bytes`].
+#[derive(Clone, Copy)]
+pub struct Span {
+    start: u64,
+    len: u32,
+}
+
+/// One ref row, its text kept in the table's byte arena.
+pub struct RefRow {
+    pub path: Span,
+    pub filename: Span,
+    pub content_type: Span,
+    pub source: Span,
     pub file: FileKey,
     pub size: u64,
-    pub filename: String,
-    pub content_type: String,
-    pub source: String,
     pub policy: CleanupPolicy,
     pub stored_at: u64,
-    /// (scope, made_at, seq), at least one.
-    pub holds: Vec<(Arc<str>, u64, u64)>,
+}
+
+/// Every ref of the index, sorted by id, in a few large buffers: opening a
+/// big index allocates (and frees) a handful of blocks instead of millions
+/// of small strings that would stay in the allocator's free lists.
+#[derive(Default)]
+pub struct RefTable {
+    ids: Vec<u128>,
+    pub rows: Vec<RefRow>,
+    bytes: Vec<u8>,
+}
+
+impl RefTable {
+    fn push_bytes(&mut self, b: &[u8]) -> Span {
+        let start = self.bytes.len() as u64;
+        self.bytes.extend_from_slice(b);
+        Span {
+            start,
+            len: b.len() as u32,
+        }
+    }
+
+    /// The bytes of a span.
+    pub fn bytes(&self, span: Span) -> &[u8] {
+        &self.bytes[span.start as usize..span.start as usize + span.len as usize]
+    }
+
+    /// The text of a span (the index only stores valid UTF-8 there).
+    pub fn text(&self, span: Span) -> &str {
+        std::str::from_utf8(self.bytes(span)).unwrap_or("")
+    }
+
+    /// A row's path.
+    pub fn path(&self, row: &RefRow) -> &Path {
+        Path::new(std::ffi::OsStr::from_bytes(self.bytes(row.path)))
+    }
+
+    /// The ref of row `i`.
+    pub fn id(&self, i: usize) -> MediaRef {
+        MediaRef::from_uuid(uuid::Uuid::from_u128(self.ids[i])).expect("checked at load")
+    }
+
+    fn find(&self, id: u128) -> Option<usize> {
+        self.ids.binary_search(&id).ok()
+    }
+
+    /// How many refs.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// One hold: its journal sequence, when it was made, its ref (row) and scope.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HoldRow {
+    pub seq: u64,
+    pub made_at: u64,
+    pub row: u32,
+    pub scope: u32,
 }
 
 /// Everything the index holds, read once at open.
 #[derive(Default)]
 pub struct Snapshot {
     pub expiry: Vec<(String, Expiry)>,
-    pub refs: Vec<StoredRef>,
+    pub refs: RefTable,
+    /// Sorted by sequence: the order the holds were made or last renewed.
+    pub holds: Vec<HoldRow>,
+    pub scopes: Vec<Arc<str>>,
     pub touches: Vec<(String, u64)>,
     /// Files whose deletion was decided but not confirmed: key and paths.
     pub pending: Vec<(FileKey, Vec<PathBuf>)>,
-    /// Ref rows without any hold (cannot be written by this version).
-    pub unheld: u64,
+    /// Holds naming a ref the index does not have (cannot be written by
+    /// this version).
+    pub dangling: u64,
     /// The highest journal sequence number recorded.
     pub max_seq: u64,
 }
 
-fn uuid_of(bytes: &[u8]) -> Option<MediaRef> {
+fn uuid_of(bytes: &[u8]) -> Option<u128> {
     let arr: [u8; 16] = bytes.try_into().ok()?;
-    MediaRef::from_uuid(uuid::Uuid::from_bytes(arr)).ok()
+    MediaRef::from_uuid(uuid::Uuid::from_bytes(arr))
+        .ok()
+        .map(|r| r.as_u128())
 }
 
 /// Reads the whole index.
 pub fn load(path: &Path, conn: &Connection) -> Result<Snapshot> {
+    use rusqlite::types::ValueRef;
     let err = |e| open_error(path, e);
+    let corrupt = |detail: &str| Error::Corrupt {
+        path: path.to_path_buf(),
+        detail: detail.into(),
+    };
+    let blob = |v: ValueRef<'_>| -> Result<Vec<u8>> {
+        match v {
+            ValueRef::Blob(b) | ValueRef::Text(b) => Ok(b.to_vec()),
+            _ => Err(corrupt("a text or blob column holds something else")),
+        }
+    };
     let mut snap = Snapshot::default();
     let mut q = conn
         .prepare("SELECT scope, never, nanos FROM scope_expiry")
@@ -332,67 +441,84 @@ pub fn load(path: &Path, conn: &Connection) -> Result<Snapshot> {
         };
         snap.expiry.push((scope, expiry));
     }
-    // Scope names repeat across holds; share one allocation per name.
-    let mut names: std::collections::HashMap<String, Arc<str>> = Default::default();
+    let count: i64 = conn
+        .query_row("SELECT count(*) FROM refs", [], |r| r.get(0))
+        .map_err(err)?;
+    let refs = &mut snap.refs;
+    refs.ids.reserve_exact(count as usize);
+    refs.rows.reserve_exact(count as usize);
     let mut q = conn
         .prepare(
-            "SELECT r.id, r.path, r.dev, r.ino, r.born, r.size, r.filename, r.content_type,
-                    r.source, r.policy, r.stored_at, h.scope, h.made_at, h.seq
-             FROM refs r LEFT JOIN holds h ON h.id = r.id ORDER BY r.id",
+            "SELECT id, path, dev, ino, born, size, filename, content_type, source, policy, stored_at
+             FROM refs ORDER BY id",
         )
         .map_err(err)?;
     let mut rows = q.query([]).map_err(err)?;
     while let Some(r) = rows.next().map_err(err)? {
-        let id_bytes: Vec<u8> = r.get(0).map_err(err)?;
-        let Some(id) = uuid_of(&id_bytes) else {
-            return Err(Error::Corrupt {
-                path: path.to_path_buf(),
-                detail: "a ref id is not a version 4 UUID".into(),
-            });
-        };
-        let scope: Option<String> = r.get(11).map_err(err)?;
-        let Some(scope) = scope else {
-            snap.unheld += 1;
-            continue;
-        };
-        let made_at: i64 = r.get(12).map_err(err)?;
-        let seq = u(r.get(13).map_err(err)?);
-        snap.max_seq = snap.max_seq.max(seq);
-        let name = match names.get(&scope) {
-            Some(n) => n.clone(),
-            None => {
-                let n: Arc<str> = scope.as_str().into();
-                names.insert(scope, n.clone());
-                n
+        let id = uuid_of(&blob(r.get_ref(0).map_err(err)?)?)
+            .ok_or_else(|| corrupt("a ref id is not a version 4 UUID"))?;
+        let mut span = |i: usize| -> Result<Span> {
+            match r.get_ref(i).map_err(err)? {
+                ValueRef::Blob(b) | ValueRef::Text(b) => Ok(refs.push_bytes(b)),
+                _ => Err(corrupt("a text or blob column holds something else")),
             }
         };
-        if let Some(last) = snap.refs.last_mut().filter(|l| l.id == id) {
-            last.holds.push((name, u(made_at), seq));
-            continue;
-        }
-        let path: Vec<u8> = r.get(1).map_err(err)?;
+        let (p, f, c, s) = (span(1)?, span(6)?, span(7)?, span(8)?);
         let policy: i64 = r.get(9).map_err(err)?;
-        snap.refs.push(StoredRef {
-            id,
-            path: PathBuf::from(std::ffi::OsString::from_vec(path)),
+        refs.ids.push(id);
+        refs.rows.push(RefRow {
+            path: p,
+            filename: f,
+            content_type: c,
+            source: s,
             file: FileKey {
                 dev: u(r.get(2).map_err(err)?),
                 ino: u(r.get(3).map_err(err)?),
                 born: u(r.get(4).map_err(err)?),
             },
             size: u(r.get(5).map_err(err)?),
-            filename: r.get(6).map_err(err)?,
-            content_type: r.get(7).map_err(err)?,
-            source: r.get(8).map_err(err)?,
             policy: if policy == 0 {
                 CleanupPolicy::DeleteOnCleanup
             } else {
                 CleanupPolicy::ForgetOnly
             },
             stored_at: u(r.get(10).map_err(err)?),
-            holds: vec![(name, u(made_at), seq)],
         });
     }
+    let count: i64 = conn
+        .query_row("SELECT count(*) FROM holds", [], |r| r.get(0))
+        .map_err(err)?;
+    snap.holds.reserve_exact(count as usize);
+    // In primary key order a scope's holds are adjacent: one name each.
+    let mut q = conn
+        .prepare("SELECT scope, id, made_at, seq FROM holds")
+        .map_err(err)?;
+    let mut rows = q.query([]).map_err(err)?;
+    while let Some(r) = rows.next().map_err(err)? {
+        let scope = match r.get_ref(0).map_err(err)? {
+            ValueRef::Text(t) => t,
+            _ => return Err(corrupt("a scope is not text")),
+        };
+        if snap.scopes.last().is_none_or(|l| l.as_bytes() != scope) {
+            let name = std::str::from_utf8(scope).map_err(|_| corrupt("a scope is not UTF-8"))?;
+            snap.scopes.push(name.into());
+        }
+        let id = uuid_of(&blob(r.get_ref(1).map_err(err)?)?)
+            .ok_or_else(|| corrupt("a held ref id is not a version 4 UUID"))?;
+        let Some(row) = snap.refs.find(id) else {
+            snap.dangling += 1;
+            continue;
+        };
+        let seq = u(r.get(3).map_err(err)?);
+        snap.max_seq = snap.max_seq.max(seq);
+        snap.holds.push(HoldRow {
+            seq,
+            made_at: u(r.get(2).map_err(err)?),
+            row: row as u32,
+            scope: (snap.scopes.len() - 1) as u32,
+        });
+    }
+    snap.holds.sort_unstable();
     let mut q = conn
         .prepare("SELECT scope, touched_at FROM scope_touch")
         .map_err(err)?;

@@ -894,73 +894,79 @@ fn restore(core: &Core, snap: &index::Snapshot, report: &mut OpenReport) -> Resu
     for (scope, expiry) in &snap.expiry {
         core.set_scope_expiry(scope, *expiry)?;
     }
+    let refs = &snap.refs;
     // Stat each distinct path once; many refs usually share a file.
     let mut keys: HashMap<&Path, Option<FileKey>> = HashMap::new();
-    let mut files = Vec::with_capacity(snap.refs.len());
-    for r in &snap.refs {
+    let mut files = Vec::with_capacity(refs.len());
+    for (i, row) in refs.rows.iter().enumerate() {
+        let path = refs.path(row);
         let fresh = *keys
-            .entry(r.path.as_path())
-            .or_insert_with(|| fs::metadata(&r.path).ok().map(|m| fsops::file_key(&m)));
+            .entry(path)
+            .or_insert_with(|| fs::metadata(path).ok().map(|m| fsops::file_key(&m)));
         // Same inode and birth time: the same file (the device number may
         // change across reboots on some file systems).
         files.push(match fresh {
-            Some(k) if k.ino == r.file.ino && k.born == r.file.born => k,
+            Some(k) if k.ino == row.file.ino && k.born == row.file.born => k,
             _ => {
-                report.vanished.push((r.id, r.path.clone()));
-                r.file
+                report.vanished.push((refs.id(i), path.to_path_buf()));
+                row.file
             }
         });
     }
-    // Replay holds in the order they were made, so each scope's queue
-    // comes back in the same order (ties broken by journal sequence).
-    let mut order: Vec<(u64, u64, u32, u32)> = snap
-        .refs
-        .iter()
-        .enumerate()
-        .flat_map(|(ri, r)| {
-            r.holds
-                .iter()
-                .enumerate()
-                .map(move |(hi, h)| (h.1, h.2, ri as u32, hi as u32))
-        })
-        .collect();
-    order.sort_unstable();
-    let mut registered = vec![false; snap.refs.len()];
-    for (made, _, ri, hi) in order {
-        let r = &snap.refs[ri as usize];
-        let scope = &r.holds[hi as usize].0;
-        if !registered[ri as usize] {
-            registered[ri as usize] = true;
-            let meta = MediaMeta::new(r.filename.clone(), r.content_type.clone(), r.source.clone());
-            core.register(
-                Timestamp(r.stored_at),
-                Registration {
-                    id: r.id,
-                    ticket: core.deletion_ticket(),
-                    file: files[ri as usize],
-                    path: &r.path,
-                    size: r.size,
-                    meta: &meta,
-                    policy: r.policy,
-                    scope,
-                },
-            )?;
-            if made > r.stored_at {
-                core.retain(Timestamp(made), r.id, scope)?;
-            }
-        } else {
-            core.retain(Timestamp(made), r.id, scope)?;
+    drop(keys);
+    // Replay holds in the order they were made or last renewed, so each
+    // scope's queue comes back in the same order.
+    let mut registered = vec![false; refs.len()];
+    let mut meta = MediaMeta::new("", "", "");
+    for h in &snap.holds {
+        let (i, scope) = (h.row as usize, &*snap.scopes[h.scope as usize]);
+        let id = refs.id(i);
+        if registered[i] {
+            core.retain(Timestamp(h.made_at), id, scope)?;
+            continue;
         }
-        report.holds += 1;
+        registered[i] = true;
+        let row = &refs.rows[i];
+        // Consecutive refs often share their metadata; reuse the buffers.
+        for (field, span) in [
+            (&mut meta.filename, row.filename),
+            (&mut meta.content_type, row.content_type),
+            (&mut meta.source, row.source),
+        ] {
+            let text = refs.text(span);
+            if field != text {
+                field.clear();
+                field.push_str(text);
+            }
+        }
+        core.register(
+            Timestamp(row.stored_at),
+            Registration {
+                id,
+                ticket: core.deletion_ticket(),
+                file: files[i],
+                path: refs.path(row),
+                size: row.size,
+                meta: &meta,
+                policy: row.policy,
+                scope,
+            },
+        )?;
+        if h.made_at > row.stored_at {
+            core.retain(Timestamp(h.made_at), id, scope)?;
+        }
     }
-    report.refs = snap.refs.len() as u64;
+    report.holds = snap.holds.len() as u64;
+    report.refs = registered.iter().filter(|r| **r).count() as u64;
+    let unheld = refs.len() as u64 - report.refs;
     for (scope, at) in &snap.touches {
         core.touch(Timestamp(*at), scope)?;
     }
-    if snap.unheld > 0 {
+    if unheld > 0 || snap.dangling > 0 {
         tracing::warn!(
-            rows = snap.unheld,
-            "index holds refs without any scope; ignored"
+            unheld,
+            dangling = snap.dangling,
+            "index rows without a ref or a hold; ignored"
         );
     }
     Ok(())
