@@ -121,6 +121,9 @@ pub fn turns(quick: bool) {
             "turns_per_fsync": ratio(rate, fsyncs),
             "commits_per_turn": ratio(commits, turns),
             "changes_per_commit": ratio((after.changes - before.changes) as f64, commits),
+            "apply_us_per_commit": ratio((after.apply_nanos - before.apply_nanos) as f64 / 1e3, commits),
+            "commit_us_per_commit": ratio((after.commit_nanos - before.commit_nanos) as f64 / 1e3, commits),
+            "raw_fsync_us": ratio(1e6, fsyncs),
         }));
     }
 }

@@ -29,6 +29,10 @@ struct Queue {
     ops: Vec<Op>,
     /// Sequence number of the last queued change.
     last: u64,
+    /// Changes in `ops` whose callers wait for them (not deletion notes).
+    awaited: usize,
+    /// When the writer sleeps: how many awaited changes should wake it.
+    wake_at: Option<usize>,
     closing: bool,
     failed: Option<Arc<str>>,
 }
@@ -46,6 +50,10 @@ pub struct JournalStats {
     pub commits: u64,
     /// Changes committed.
     pub changes: u64,
+    /// Time spent applying changes to the index, in nanoseconds.
+    pub apply_nanos: u64,
+    /// Time spent in `COMMIT` (writing and syncing the log), in nanoseconds.
+    pub commit_nanos: u64,
 }
 
 /// The SQLite journal with its writer thread.
@@ -182,11 +190,22 @@ impl Journal for SqliteJournal {
                 std::io::Error::other("the store is closing"),
             ));
         }
+        if !matches!(op, Op::Deleted { .. }) {
+            q.awaited += 1;
+        }
         q.ops.push(op);
         q.last += 1;
         let seq = q.last;
+        // Wake the writer only when it waits for this many changes: a
+        // lingering writer woken by every push would cost a context switch
+        // per change.
+        let wake = q
+            .wake_at
+            .is_some_and(|n| q.awaited >= n || q.ops.len() == 1);
         drop(q);
-        self.shared.wake.notify_one();
+        if wake {
+            self.shared.wake.notify_one();
+        }
         Ok(seq)
     }
 }
@@ -199,17 +218,15 @@ impl Drop for SqliteJournal {
     }
 }
 
-/// How long the queue must stay unchanged before a lingering writer commits.
-const QUIET: Duration = Duration::from_micros(25);
-
 fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>) -> Connection {
     let mut batch = Vec::new();
     // How long the last commit took and how many changes it carried.
     let mut last_commit = (Duration::ZERO, 0usize);
     loop {
-        let last = {
+        let (last, awaited) = {
             let mut q = shared.queue.lock();
             while q.ops.is_empty() && !q.closing {
+                q.wake_at = Some(1);
                 shared.wake.wait(&mut q);
             }
             if q.ops.is_empty() {
@@ -218,41 +235,36 @@ fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>
             // With several writers, the callers woken by the last commit
             // queue their next change microseconds later; committing at
             // once would split them into two cohorts that alternate,
-            // halving the changes per fsync. So while the queue keeps
-            // growing, wait a little, never longer than half a commit.
-            if last_commit.1 > 1 {
-                let start = Instant::now();
-                let limit = start + last_commit.0 / 2;
-                let mut quiet_until = start + QUIET;
-                while !q.closing {
-                    let before = q.ops.len();
-                    let timed_out = shared
-                        .wake
-                        .wait_until(&mut q, quiet_until.min(limit))
-                        .timed_out();
-                    let now = Instant::now();
-                    if now >= limit || (timed_out && q.ops.len() == before) {
+            // halving the changes per fsync. So wait until as many callers
+            // as the last commit served are back, but never longer than
+            // half a commit.
+            if last_commit.1 > 1 && q.awaited < last_commit.1 {
+                let limit = Instant::now() + last_commit.0 / 2;
+                q.wake_at = Some(last_commit.1);
+                while !q.closing && q.awaited < last_commit.1 {
+                    if shared.wake.wait_until(&mut q, limit).timed_out() {
                         break;
-                    }
-                    if q.ops.len() > before {
-                        quiet_until = now + QUIET;
                     }
                 }
             }
+            q.wake_at = None;
+            let awaited = std::mem::take(&mut q.awaited);
             std::mem::swap(&mut batch, &mut q.ops);
-            q.last
+            (q.last, awaited)
         };
         let started = Instant::now();
+        let mut applied = started;
         let result = (|| {
             let tx = conn.transaction()?;
             let first = last + 1 - batch.len() as u64;
             for (n, op) in batch.iter().enumerate() {
                 index::apply(&tx, op, first + n as u64)?;
             }
+            applied = Instant::now();
             tx.commit()
         })();
         let changes = batch.len() as u64;
-        last_commit = (started.elapsed(), batch.len());
+        last_commit = (started.elapsed(), awaited);
         batch.clear();
         match result {
             Ok(()) => {
@@ -260,6 +272,8 @@ fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>
                     let mut s = stats.lock();
                     s.commits += 1;
                     s.changes += changes;
+                    s.apply_nanos += (applied - started).as_nanos() as u64;
+                    s.commit_nanos += applied.elapsed().as_nanos() as u64;
                 }
                 shared.committed.send_modify(|c| c.seq = last);
             }
