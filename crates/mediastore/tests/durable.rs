@@ -6,6 +6,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use sha2::Digest;
+
 use mediastore::conformance::{block_on, epoch};
 use mediastore::{
     CleanupPolicy, DurableStore, DurableStoreBuilder, Error, ManualClock, MediaMeta, MediaStore,
@@ -361,12 +363,22 @@ fn torn_temp_files_orphans_and_planted_symlinks_are_cleaned_on_open() {
             store.managed_dir().to_path_buf(),
         )
     };
-    // A half-written upload, an unreferenced file and two symlinks to a
-    // file outside (one as a shard dir, one inside a shard dir).
+    // A half-written upload, an unreferenced file, a file whose bytes do
+    // not match its name (placed but not synced before a crash) and two
+    // symlinks to a file outside (one as a shard dir, one inside a shard
+    // dir).
     fs::write(managed.join(".incoming/0123abcd"), b"half").unwrap();
+    let body = b"nobody names me";
+    let sha: String = sha2::Sha256::digest(body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    fs::create_dir_all(managed.join(&sha[..2])).unwrap();
+    let orphan = managed.join(&sha[..2]).join(&sha);
+    fs::write(&orphan, body).unwrap();
     fs::create_dir_all(managed.join("ab")).unwrap();
-    let orphan = managed.join("ab").join("ab".repeat(32));
-    fs::write(&orphan, b"nobody names me").unwrap();
+    let torn = managed.join("ab").join("ab".repeat(32));
+    fs::write(&torn, b"\0\0\0 half of something").unwrap();
     let victim = d.outside.join("victim.txt");
     fs::write(&victim, b"precious").unwrap();
     std::os::unix::fs::symlink(&victim, managed.join("ab/evil")).unwrap();
@@ -378,7 +390,9 @@ fn torn_temp_files_orphans_and_planted_symlinks_are_cleaned_on_open() {
     assert_eq!(report.temp_files_removed, 1);
     assert_eq!(report.orphans.kept_young, 1);
     assert_eq!(report.orphans.strays_removed, 2);
+    assert_eq!(report.orphans.torn_removed, 1);
     assert!(orphan.exists());
+    assert!(!torn.exists(), "torn files go whatever their age");
     drop(store);
     // ...and go with zero grace.
     let store = builder(&d, &clock)

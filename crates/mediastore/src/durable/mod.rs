@@ -27,7 +27,7 @@ use mediastore_core::{
     CleanupPolicy, Core, CoreConfig, Deletion, Dropped, Error, Expiry, FileKey, FileStatus,
     MediaMeta, MediaRef, Registration, Resolved, Result, ScopeRule, Timestamp,
 };
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -99,7 +99,8 @@ pub struct PutReport {
 /// What an orphan sweep removed from the managed dir.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct OrphanReport {
-    /// Managed files no ref names, older than the grace period, removed.
+    /// Managed files no ref names, removed: older than the grace period,
+    /// or torn (counted in `torn_removed` too).
     pub files_removed: u64,
     /// Their bytes.
     pub bytes_freed: u64,
@@ -108,6 +109,9 @@ pub struct OrphanReport {
     /// Symlinks and other non-files found in the managed dir, removed
     /// without being followed.
     pub strays_removed: u64,
+    /// Young unreferenced files whose bytes do not match their name (a
+    /// crash before they were synced), removed.
+    pub torn_removed: u64,
 }
 
 /// What opening a data dir found and did.
@@ -233,7 +237,7 @@ pub struct DurableStore {
     reserved: Mutex<Reservations>,
     /// Puts hold it shared from placing a managed file until its ref is
     /// recorded; orphan sweeps hold it exclusively.
-    ingest: RwLock<()>,
+    ingest: tokio::sync::RwLock<()>,
     report: OpenReport,
     /// Dropped last: the data dir stays locked until the journal is closed.
     _lock: File,
@@ -379,13 +383,13 @@ impl DurableStore {
             orphan_grace: b.orphan_grace,
             managed_bytes: AtomicU64::new(0),
             reserved: Mutex::new(Reservations::default()),
-            ingest: RwLock::new(()),
+            ingest: tokio::sync::RwLock::new(()),
             report,
             _lock: lock,
         };
         let mut report = store.report.clone();
         report.deletions_completed = store.finish_pending(snap.pending);
-        report.orphans = store.sweep_orphans_sync(store.orphan_grace)?;
+        report.orphans = store.sweep_orphans_locked(store.orphan_grace)?;
         store.journal.flush_blocking()?;
         store
             .managed_bytes
@@ -449,11 +453,12 @@ impl DurableStore {
     /// Removes managed files that no ref names and that are older than
     /// `grace`, and anything in the managed dir that is not a plain file.
     pub async fn sweep_orphans(&self, grace: Duration) -> Result<OrphanReport> {
-        self.sweep_orphans_sync(grace)
+        let _exclusive = self.ingest.write().await;
+        self.sweep_orphans_locked(grace)
     }
 
-    fn sweep_orphans_sync(&self, grace: Duration) -> Result<OrphanReport> {
-        let _exclusive = self.ingest.write();
+    /// The sweep; the caller holds `ingest` exclusively (or is opening).
+    fn sweep_orphans_locked(&self, grace: Duration) -> Result<OrphanReport> {
         let mut report = OrphanReport::default();
         let now = SystemTime::now();
         let read = |dir: &Path| {
@@ -502,8 +507,15 @@ impl DurableStore {
                     .and_then(|m| now.duration_since(m).ok())
                     .unwrap_or_default();
                 if age < grace {
-                    report.kept_young += 1;
-                    continue;
+                    // A crash between placing a file and syncing it can
+                    // leave its name with other bytes; identical content
+                    // put later would be deduplicated onto it. Young
+                    // orphans are kept only if their bytes match their name.
+                    if digest_matches(&path) {
+                        report.kept_young += 1;
+                        continue;
+                    }
+                    report.torn_removed += 1;
                 }
                 match fs::remove_file(&path) {
                     Ok(()) => {
@@ -760,11 +772,6 @@ impl DurableStore {
                 .with_policy(CleanupPolicy::DeleteOnCleanup);
         let shard_dir = self.blobs.join(&sha[..2]);
         let target = shard_dir.join(&sha);
-        // fsync of the bytes off the async workers: it takes milliseconds.
-        let file = tokio::task::spawn_blocking(move || file.sync_all().map(|()| file))
-            .await
-            .map_err(|e| Error::io("syncing an ingest temp file", io::Error::other(e)))?
-            .map_err(|e| Error::io("syncing an ingest temp file", e))?;
         drop(file);
 
         let new_blob = fs::symlink_metadata(&target).is_err();
@@ -807,52 +814,52 @@ impl DurableStore {
     ) -> Result<(MediaRef, bool)> {
         let sha: [u8; 32] = digest.try_into().expect("sha256 is 32 bytes");
         for _ in 0..10_000 {
-            match self.place_once(temp, shard_dir, target, meta, scope, sha)? {
-                Some((pending, created)) => {
+            // Held from placing the file until its ref is recorded, so an
+            // orphan sweep never sees it unreferenced.
+            let shared = self.ingest.read().await;
+            if fs::symlink_metadata(shard_dir).is_err() {
+                create_dir(shard_dir)?;
+                sync_dir(&self.blobs)?;
+            }
+            // A hard link never replaces: a file that is already there (same
+            // digest, same bytes) is shared instead.
+            let created = match fs::hard_link(temp, target) {
+                Ok(()) => true,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(Error::io(format!("placing {}", target.display()), e)),
+            };
+            // One fsync of the file makes its bytes durable and, on
+            // journaling file systems, its new name with them; the
+            // directory's fsync then has nothing left to write. A shared
+            // file is synced too: the put that placed it may still be
+            // syncing, and our ref must not outlive its bytes.
+            let (file, dir) = (target.to_path_buf(), shard_dir.to_path_buf());
+            tokio::task::spawn_blocking(move || {
+                File::open(&file)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| Error::io(format!("syncing {}", file.display()), e))?;
+                sync_dir(&dir)
+            })
+            .await
+            .map_err(|e| Error::io("syncing a managed file", io::Error::other(e)))??;
+            match self.local.store(target, meta, scope, Some(sha)) {
+                Ok(pending) => {
+                    drop(shared);
                     self.journal.wait(pending.seq).await?;
                     return Ok((pending.value, created));
                 }
                 // The existing copy is being deleted: let the deletion
                 // finish, then place ours.
-                None => tokio::task::yield_now().await,
+                Err(e) if e.is_not_found() => {
+                    drop(shared);
+                    tokio::task::yield_now().await
+                }
+                Err(e) => return Err(e),
             }
         }
         Err(Error::Conflict(
             "managed file kept being deleted during put",
         ))
-    }
-
-    /// One attempt of [`DurableStore::place_and_register`]; `None` when an
-    /// identical managed file is being deleted and the caller should retry.
-    fn place_once(
-        &self,
-        temp: &Path,
-        shard_dir: &Path,
-        target: &Path,
-        meta: &MediaMeta,
-        scope: &str,
-        sha: [u8; 32],
-    ) -> Result<Option<(crate::local::Pending<MediaRef>, bool)>> {
-        let _shared = self.ingest.read();
-        if fs::symlink_metadata(shard_dir).is_err() {
-            create_dir(shard_dir)?;
-            sync_dir(&self.blobs)?;
-        }
-        // A hard link never replaces: a file that is already there (same
-        // digest, same bytes) is shared instead.
-        let created = match fs::hard_link(temp, target) {
-            Ok(()) => {
-                sync_dir(shard_dir)?;
-                true
-            }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
-            Err(e) => return Err(Error::io(format!("placing {}", target.display()), e)),
-        };
-        match self.local.store(target, meta, scope, Some(sha)) {
-            Ok(p) => Ok(Some((p, created))),
-            Err(e) if e.is_not_found() => Ok(None),
-            Err(e) => Err(e),
-        }
     }
 
     async fn drop_and_delete(&self, dropped: Dropped, seq: u64) -> Result<Dropped> {
@@ -867,6 +874,21 @@ impl DurableStore {
             .fetch_sub(managed.min(self.managed_bytes()), Ordering::Relaxed);
         Ok(dropped)
     }
+}
+
+/// True when the file's SHA-256 is its name.
+fn digest_matches(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let Ok(mut f) = File::open(path) else {
+        return false;
+    };
+    let mut hasher = Sha256::new();
+    if io::copy(&mut f, &mut hasher).is_err() {
+        return false;
+    }
+    hex(&hasher.finalize()) == name
 }
 
 fn remove_stray(path: &Path, report: &mut OrphanReport) {
