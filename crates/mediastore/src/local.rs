@@ -60,6 +60,13 @@ pub(crate) enum Op {
     },
     /// A deletion finished (the file is gone, or was not ours to delete).
     Deleted { file: FileKey },
+    /// A managed ref's bytes are known to be durable (see
+    /// `DurableStore::put`).
+    Verified { id: MediaRef },
+    /// A ref found at open to have been recorded for bytes that never
+    /// became durable (a crash during its put, before it was
+    /// acknowledged): removed with its holds.
+    Forget { id: MediaRef, scopes: Vec<Arc<str>> },
 }
 
 /// Where a journaling engine sends its changes.

@@ -382,6 +382,7 @@ fn torn_temp_files_orphans_and_planted_symlinks_are_cleaned_on_open() {
     let victim = d.outside.join("victim.txt");
     fs::write(&victim, b"precious").unwrap();
     std::os::unix::fs::symlink(&victim, managed.join("ab/evil")).unwrap();
+    fs::remove_dir(managed.join("cd")).unwrap();
     std::os::unix::fs::symlink(&d.outside, managed.join("cd")).unwrap();
 
     // Young orphans survive the default grace...
@@ -501,4 +502,58 @@ fn a_data_dir_that_cannot_be_created_is_a_clear_error() {
         Err(Error::Io { context, .. }) => assert!(context.contains("data dir"), "{context}"),
         other => panic!("expected Io, got {:?}", other.err()),
     }
+}
+
+#[test]
+fn puts_that_crashed_before_their_bytes_were_durable_are_dropped_on_open() {
+    let d = dirs();
+    let clock = ManualClock::new(epoch());
+    let (torn, intact, torn_path) = {
+        let store = builder(&d, &clock).open().unwrap();
+        block_on(async {
+            let lim = PutLimits::default();
+            let a = store
+                .put(&b"torn"[..], &meta("a"), "s", &lim)
+                .await
+                .unwrap();
+            let b = store
+                .put(&b"intact"[..], &meta("b"), "s", &lim)
+                .await
+                .unwrap();
+            let path = store.resolve(a.media_ref).await.unwrap().to_path_buf();
+            (a.media_ref, b.media_ref, path)
+        })
+    };
+    // What a crash between committing a put's ref and syncing its bytes
+    // can leave: refs still marked unverified, one file with other bytes.
+    {
+        let conn = rusqlite::Connection::open(d.data.join("index.sqlite")).unwrap();
+        let n = conn.execute("UPDATE refs SET unverified = 1", []).unwrap();
+        assert_eq!(n, 2);
+    }
+    fs::write(&torn_path, b"\0\0\0\0").unwrap();
+    let store = builder(&d, &clock).open().unwrap();
+    let report = store.open_report().clone();
+    assert_eq!(report.unfinished_puts, 1);
+    assert_eq!(report.refs, 1);
+    assert!(report.vanished.is_empty());
+    block_on(async {
+        assert!(matches!(
+            store.resolve(torn).await,
+            Err(Error::UnknownRef(_))
+        ));
+        assert_eq!(store.refs_in("s").await.unwrap(), vec![intact]);
+    });
+    drop(store);
+    // The removal and the verification were recorded.
+    let conn = rusqlite::Connection::open(d.data.join("index.sqlite")).unwrap();
+    let rows: (i64, i64, i64) = conn
+        .query_row(
+            "SELECT (SELECT count(*) FROM refs), (SELECT count(*) FROM holds),
+                    (SELECT count(*) FROM refs WHERE unverified != 0)",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(rows, (1, 1, 0));
 }

@@ -31,7 +31,8 @@ const MIGRATIONS: &[&str] = &[
         filename TEXT NOT NULL, content_type TEXT NOT NULL, source TEXT NOT NULL,
         policy INTEGER NOT NULL,
         stored_at INTEGER NOT NULL,
-        sha256 BLOB
+        sha256 BLOB,
+        unverified INTEGER NOT NULL
      ) WITHOUT ROWID;
      CREATE TABLE holds (
         scope TEXT NOT NULL, id BLOB NOT NULL, made_at INTEGER NOT NULL,
@@ -177,7 +178,7 @@ pub fn apply(tx: &Transaction<'_>, op: &Op, seq: u64) -> rusqlite::Result<()> {
             sha256,
         } => {
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO refs VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                "INSERT OR REPLACE INTO refs VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )?
             .execute(params![
                 id.uuid().as_bytes(),
@@ -192,6 +193,9 @@ pub fn apply(tx: &Transaction<'_>, op: &Op, seq: u64) -> rusqlite::Result<()> {
                 policy_code(*policy),
                 i(at.0),
                 sha256.as_ref().map(|d| &d[..]),
+                // A put records its ref while its bytes are being synced;
+                // until `Verified`, opening checks them against the digest.
+                sha256.is_some(),
             ])?;
             retain(tx, *id, scope, at.0, seq)
         }
@@ -254,6 +258,18 @@ pub fn apply(tx: &Transaction<'_>, op: &Op, seq: u64) -> rusqlite::Result<()> {
             }
             remove_refs(tx, removed)?;
             pend(tx, deletions)
+        }
+        Op::Verified { id } => {
+            tx.prepare_cached("UPDATE refs SET unverified = 0 WHERE id = ?1")?
+                .execute([id.uuid().as_bytes()])?;
+            Ok(())
+        }
+        Op::Forget { id, scopes } => {
+            for scope in scopes {
+                tx.prepare_cached("DELETE FROM holds WHERE scope = ?1 AND id = ?2")?
+                    .execute(params![&**scope, id.uuid().as_bytes()])?;
+            }
+            remove_refs(tx, &[*id])
         }
         Op::Deleted { file } => {
             tx.prepare_cached(
@@ -325,6 +341,9 @@ pub struct RefRow {
     pub size: u64,
     pub policy: CleanupPolicy,
     pub stored_at: u64,
+    /// The digest the file must have, for a managed ref whose put may not
+    /// have finished syncing its bytes.
+    pub verify: Option<[u8; 32]>,
 }
 
 /// Every ref of the index, sorted by id, in a few large buffers: opening a
@@ -449,7 +468,8 @@ pub fn load(path: &Path, conn: &Connection) -> Result<Snapshot> {
     refs.rows.reserve_exact(count as usize);
     let mut q = conn
         .prepare(
-            "SELECT id, path, dev, ino, born, size, filename, content_type, source, policy, stored_at
+            "SELECT id, path, dev, ino, born, size, filename, content_type, source, policy, stored_at,
+                    CASE WHEN unverified != 0 THEN sha256 END
              FROM refs ORDER BY id",
         )
         .map_err(err)?;
@@ -483,6 +503,13 @@ pub fn load(path: &Path, conn: &Connection) -> Result<Snapshot> {
                 CleanupPolicy::ForgetOnly
             },
             stored_at: u(r.get(10).map_err(err)?),
+            verify: match r.get_ref(11).map_err(err)? {
+                ValueRef::Blob(b) => Some(
+                    b.try_into()
+                        .map_err(|_| corrupt("a digest is not 32 bytes"))?,
+                ),
+                _ => None,
+            },
         });
     }
     let count: i64 = conn

@@ -33,6 +33,8 @@ struct Queue {
     awaited: usize,
     /// When the writer sleeps: how many awaited changes should wake it.
     wake_at: Option<usize>,
+    /// Commit what is queued now, notes included.
+    flush: bool,
     closing: bool,
     failed: Option<Arc<str>>,
 }
@@ -121,7 +123,12 @@ impl SqliteJournal {
 
     /// Waits, blocking the thread, until everything queued is durable.
     pub fn flush_blocking(&self) -> Result<()> {
-        let last = self.shared.queue.lock().last;
+        let last = {
+            let mut q = self.shared.queue.lock();
+            q.flush = true;
+            q.last
+        };
+        self.shared.wake.notify_one();
         let mut rx = self.shared.committed.subscribe();
         loop {
             let state = rx.borrow_and_update().clone();
@@ -190,7 +197,13 @@ impl Journal for SqliteJournal {
                 std::io::Error::other("the store is closing"),
             ));
         }
-        if !matches!(op, Op::Deleted { .. }) {
+        // Notes (a deletion done, bytes verified) wait for the next commit
+        // instead of causing one; nothing waits on them, and a note lost in
+        // a crash is redone on the next open.
+        if !matches!(
+            op,
+            Op::Deleted { .. } | Op::Verified { .. } | Op::Forget { .. }
+        ) {
             q.awaited += 1;
         }
         q.ops.push(op);
@@ -218,6 +231,10 @@ impl Drop for SqliteJournal {
     }
 }
 
+/// How long notes may wait for a change to commit with before they are
+/// committed on their own.
+const NOTE_DELAY: Duration = Duration::from_millis(200);
+
 fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>) -> Connection {
     let mut batch = Vec::new();
     // How long the last commit took and how many changes it carried.
@@ -225,12 +242,20 @@ fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>
     loop {
         let (last, awaited) = {
             let mut q = shared.queue.lock();
-            while q.ops.is_empty() && !q.closing {
-                q.wake_at = Some(1);
-                shared.wake.wait(&mut q);
+            q.wake_at = Some(1);
+            while q.awaited == 0 && !q.closing && !q.flush {
+                if q.ops.is_empty() {
+                    shared.wake.wait(&mut q);
+                } else if shared.wake.wait_for(&mut q, NOTE_DELAY).timed_out() {
+                    break;
+                }
             }
             if q.ops.is_empty() {
-                return conn;
+                if q.closing {
+                    return conn;
+                }
+                q.flush = false;
+                continue;
             }
             // With several writers, the callers woken by the last commit
             // queue their next change microseconds later; committing at
@@ -248,6 +273,7 @@ fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>
                 }
             }
             q.wake_at = None;
+            q.flush = false;
             let awaited = std::mem::take(&mut q.awaited);
             std::mem::swap(&mut batch, &mut q.ops);
             (q.last, awaited)

@@ -125,6 +125,10 @@ pub struct OpenReport {
     /// closed. They stay registered (resolving works, opening reports
     /// `FileVanished`) until released or expired.
     pub vanished: Vec<(MediaRef, PathBuf)>,
+    /// Refs recorded by puts that crashed before their bytes were durable
+    /// (so they were never acknowledged): removed, their files left to
+    /// the orphan sweep.
+    pub unfinished_puts: u64,
     /// Deletions that were due at the last shutdown or crash and are now done.
     pub deletions_completed: u64,
     /// Ingest temp files left by an interrupted `put`, removed.
@@ -352,6 +356,30 @@ impl DurableStore {
         create_dir(&blobs)?;
         let incoming = blobs.join(INCOMING);
         create_dir(&incoming)?;
+        // All 256 shard dirs up front: a put then never creates a directory
+        // (and syncs its parent) on its own path.
+        let mut created = false;
+        let mut strays = 0;
+        for shard in 0..=255u8 {
+            let dir = blobs.join(format!("{shard:02x}"));
+            match fs::symlink_metadata(&dir) {
+                Ok(m) if m.is_dir() => continue,
+                // A symlink (or file) planted where a shard dir belongs is
+                // removed, never followed.
+                Ok(_) => {
+                    tracing::warn!(path = %dir.display(), "removing a non-directory from the managed dir");
+                    fs::remove_file(&dir)
+                        .map_err(|e| Error::io(format!("removing {}", dir.display()), e))?;
+                    strays += 1;
+                }
+                Err(_) => {}
+            }
+            create_dir(&dir)?;
+            created = true;
+        }
+        if created {
+            sync_dir(&blobs)?;
+        }
         let mut report = OpenReport {
             temp_files_removed: clear_incoming(&incoming)?,
             ..OpenReport::default()
@@ -369,7 +397,7 @@ impl DurableStore {
             record_drops: true,
         });
         let local = Local::new(core, OwnedRoots::new(&roots)?, b.clock);
-        restore(&local.core, &snap, &mut report)?;
+        let restored = restore(&local.core, &snap, &mut report)?;
 
         let journal = Arc::new(SqliteJournal::start(conn, index_path, snap.max_seq)?);
         let local = local.with_journal(journal.clone());
@@ -388,8 +416,15 @@ impl DurableStore {
             _lock: lock,
         };
         let mut report = store.report.clone();
+        for id in restored.verified {
+            store.note(Op::Verified { id });
+        }
+        for (id, scopes) in restored.forget {
+            store.note(Op::Forget { id, scopes });
+        }
         report.deletions_completed = store.finish_pending(snap.pending);
         report.orphans = store.sweep_orphans_locked(store.orphan_grace)?;
+        report.orphans.strays_removed += strays;
         store.journal.flush_blocking()?;
         store
             .managed_bytes
@@ -586,7 +621,7 @@ impl DurableStore {
     fn note(&self, op: Op) {
         use crate::local::Journal;
         if let Err(e) = self.journal.push(op) {
-            tracing::warn!(error = %e, "could not journal a finished deletion");
+            tracing::warn!(error = %e, "could not journal a note; it is redone on the next open");
         }
     }
 
@@ -830,28 +865,38 @@ impl DurableStore {
             };
             // One fsync of the file makes its bytes durable and, on
             // journaling file systems, its new name with them; the
-            // directory's fsync then has nothing left to write. A shared
-            // file is synced too: the put that placed it may still be
-            // syncing, and our ref must not outlive its bytes.
+            // directory's fsync then has little left to write. It runs
+            // while the ref is committed: the ref is recorded as
+            // unverified, so if we crash before both are done, opening
+            // finds bytes that do not match the digest and drops the ref
+            // (it was never acknowledged). A shared file is synced too: the
+            // put that placed it may still be syncing.
             let (file, dir) = (target.to_path_buf(), shard_dir.to_path_buf());
-            tokio::task::spawn_blocking(move || {
+            let sync = tokio::task::spawn_blocking(move || {
                 File::open(&file)
                     .and_then(|f| f.sync_all())
                     .map_err(|e| Error::io(format!("syncing {}", file.display()), e))?;
                 sync_dir(&dir)
-            })
-            .await
-            .map_err(|e| Error::io("syncing a managed file", io::Error::other(e)))??;
+            });
+            let synced = |r: std::result::Result<Result<()>, tokio::task::JoinError>| {
+                r.map_err(|e| Error::io("syncing a managed file", io::Error::other(e)))?
+            };
             match self.local.store(target, meta, scope, Some(sha)) {
                 Ok(pending) => {
+                    // The sync already runs on its own thread.
+                    let commit = self.journal.wait(pending.seq).await;
+                    let sync = sync.await;
                     drop(shared);
-                    self.journal.wait(pending.seq).await?;
+                    synced(sync)?;
+                    commit?;
+                    self.note(Op::Verified { id: pending.value });
                     return Ok((pending.value, created));
                 }
                 // The existing copy is being deleted: let the deletion
                 // finish, then place ours.
                 Err(e) if e.is_not_found() => {
                     drop(shared);
+                    let _ = sync.await;
                     tokio::task::yield_now().await
                 }
                 Err(e) => return Err(e),
@@ -876,19 +921,18 @@ impl DurableStore {
     }
 }
 
+/// The SHA-256 of a file's bytes, if it can be read.
+fn file_digest(path: &Path) -> Option<[u8; 32]> {
+    let mut f = File::open(path).ok()?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut f, &mut hasher).ok()?;
+    Some(hasher.finalize().into())
+}
+
 /// True when the file's SHA-256 is its name.
 fn digest_matches(path: &Path) -> bool {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-        return false;
-    };
-    let Ok(mut f) = File::open(path) else {
-        return false;
-    };
-    let mut hasher = Sha256::new();
-    if io::copy(&mut f, &mut hasher).is_err() {
-        return false;
-    }
-    hex(&hasher.finalize()) == name
+    let name = path.file_name().and_then(|n| n.to_str());
+    file_digest(path).is_some_and(|d| Some(hex(&d).as_str()) == name)
 }
 
 fn remove_stray(path: &Path, report: &mut OrphanReport) {
@@ -911,8 +955,18 @@ fn clear_incoming(dir: &Path) -> Result<u64> {
     Ok(removed)
 }
 
+/// What restoring leaves for the journal once it runs.
+#[derive(Default)]
+struct Restored {
+    /// Managed refs whose bytes were checked against their digest.
+    verified: Vec<MediaRef>,
+    /// Refs of puts that crashed before their bytes were durable.
+    forget: Vec<(MediaRef, Vec<Arc<str>>)>,
+}
+
 /// Loads the index snapshot into a fresh core.
-fn restore(core: &Core, snap: &index::Snapshot, report: &mut OpenReport) -> Result<()> {
+fn restore(core: &Core, snap: &index::Snapshot, report: &mut OpenReport) -> Result<Restored> {
+    let mut restored = Restored::default();
     for (scope, expiry) in &snap.expiry {
         core.set_scope_expiry(scope, *expiry)?;
     }
@@ -936,6 +990,19 @@ fn restore(core: &Core, snap: &index::Snapshot, report: &mut OpenReport) -> Resu
         });
     }
     drop(keys);
+    // A put records its ref while its bytes are being synced; if it
+    // crashed before both were done, it was never acknowledged and its
+    // file may hold anything. Such refs are still marked unverified.
+    let mut torn: HashMap<usize, Vec<Arc<str>>> = HashMap::new();
+    for (i, row) in refs.rows.iter().enumerate() {
+        if let Some(want) = row.verify {
+            if file_digest(refs.path(row)) == Some(want) {
+                restored.verified.push(refs.id(i));
+            } else {
+                torn.insert(i, Vec::new());
+            }
+        }
+    }
     // Replay holds in the order they were made or last renewed, so each
     // scope's queue comes back in the same order.
     let mut registered = vec![false; refs.len()];
@@ -943,6 +1010,10 @@ fn restore(core: &Core, snap: &index::Snapshot, report: &mut OpenReport) -> Resu
     for h in &snap.holds {
         let (i, scope) = (h.row as usize, &*snap.scopes[h.scope as usize]);
         let id = refs.id(i);
+        if let Some(scopes) = torn.get_mut(&i) {
+            scopes.push(snap.scopes[h.scope as usize].clone());
+            continue;
+        }
         if registered[i] {
             core.retain(Timestamp(h.made_at), id, scope)?;
             continue;
@@ -978,9 +1049,14 @@ fn restore(core: &Core, snap: &index::Snapshot, report: &mut OpenReport) -> Resu
             core.retain(Timestamp(h.made_at), id, scope)?;
         }
     }
-    report.holds = snap.holds.len() as u64;
     report.refs = registered.iter().filter(|r| **r).count() as u64;
-    let unheld = refs.len() as u64 - report.refs;
+    report.unfinished_puts = torn.len() as u64;
+    report.holds = snap.holds.len() as u64 - torn.values().map(|s| s.len() as u64).sum::<u64>();
+    let unheld = refs.len() as u64 - report.refs - report.unfinished_puts;
+    for (i, scopes) in torn {
+        report.vanished.retain(|(r, _)| *r != refs.id(i));
+        restored.forget.push((refs.id(i), scopes));
+    }
     for (scope, at) in &snap.touches {
         core.touch(Timestamp(*at), scope)?;
     }
@@ -991,7 +1067,7 @@ fn restore(core: &Core, snap: &index::Snapshot, report: &mut OpenReport) -> Resu
             "index rows without a ref or a hold; ignored"
         );
     }
-    Ok(())
+    Ok(restored)
 }
 
 impl MediaStore for DurableStore {
