@@ -49,6 +49,8 @@ const INCOMING: &str = ".incoming";
 const SNIFF_BYTES: usize = 8192;
 /// Read size while streaming into a managed file.
 const CHUNK: usize = 256 * 1024;
+/// Bytes written between background syncs of a large upload.
+const WRITEBACK_EVERY: u64 = 16 << 20;
 
 /// Size limits of managed ingest. `None` means unlimited.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -239,6 +241,11 @@ pub struct DurableStore {
     /// flight (`reserved`).
     managed_bytes: AtomicU64,
     reserved: Mutex<Reservations>,
+    /// True when uploads are staged as unnamed files (see [`Staged`]).
+    unnamed_temps: bool,
+    /// True on file systems where syncing a newly linked file also makes
+    /// its directory entry durable (see [`links_persist_with_file`]).
+    links_persist_with_file: bool,
     /// Puts hold it shared from placing a managed file until its ref is
     /// recorded; orphan sweeps hold it exclusively.
     ingest: tokio::sync::RwLock<()>,
@@ -320,14 +327,74 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// A temp file in the incoming dir, removed on drop unless kept.
-struct TempFile {
-    path: PathBuf,
+/// An upload being written: an unnamed file (`O_TMPFILE`) where the file
+/// system supports it, else a named temp file removed on drop. Either way
+/// a crash leaves nothing visible: an unnamed inode is freed, a named temp
+/// is cleared on open.
+struct Staged {
+    file: File,
+    /// The temp name, for a named temp file.
+    temp: Option<PathBuf>,
 }
 
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+impl Staged {
+    fn create(incoming: &Path, unnamed: bool) -> io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        if unnamed {
+            let file = fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(rustix::fs::OFlags::TMPFILE.bits() as i32)
+                .mode(0o644)
+                .open(incoming)?;
+            return Ok(Self { file, temp: None });
+        }
+        let path = incoming.join(uuid::Uuid::new_v4().simple().to_string());
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(Self {
+            file,
+            temp: Some(path),
+        })
     }
+
+    /// Gives the file the name `target`; never replaces an existing file.
+    fn link(&self, target: &Path) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        match &self.temp {
+            Some(temp) => fs::hard_link(temp, target),
+            // Naming an unnamed file through /proc needs no privilege
+            // (AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH).
+            None => rustix::fs::linkat(
+                rustix::fs::CWD,
+                format!("/proc/self/fd/{}", self.file.as_raw_fd()),
+                rustix::fs::CWD,
+                target,
+                rustix::fs::AtFlags::SYMLINK_FOLLOW,
+            )
+            .map_err(io::Error::from),
+        }
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(temp) = &self.temp {
+            let _ = fs::remove_file(temp);
+        }
+    }
+}
+
+/// True when unnamed temp files can be created in `incoming` and named
+/// later through /proc.
+fn unnamed_temps_work(incoming: &Path) -> bool {
+    let probe = incoming.join("probe");
+    let ok = Staged::create(incoming, true)
+        .and_then(|s| s.link(&probe))
+        .is_ok();
+    let _ = fs::remove_file(&probe);
+    ok
 }
 
 impl DurableStore {
@@ -399,6 +466,8 @@ impl DurableStore {
         let local = Local::new(core, OwnedRoots::new(&roots)?, b.clock);
         let restored = restore(&local.core, &snap, &mut report)?;
 
+        let links_persist_with_file = links_persist_with_file(&blobs);
+        let unnamed_temps = unnamed_temps_work(&incoming);
         let journal = Arc::new(SqliteJournal::start(conn, index_path, snap.max_seq)?);
         let local = local.with_journal(journal.clone());
         let store = Self {
@@ -412,6 +481,8 @@ impl DurableStore {
             managed_bytes: AtomicU64::new(0),
             reserved: Mutex::new(Reservations::default()),
             ingest: tokio::sync::RwLock::new(()),
+            links_persist_with_file,
+            unnamed_temps,
             report,
             _lock: lock,
         };
@@ -753,20 +824,15 @@ impl DurableStore {
     ) -> Result<PutReport> {
         mediastore_core::validate_scope(scope)?;
         let (room, why) = self.room(scope, limits)?;
-        let temp = TempFile {
-            path: self
-                .incoming
-                .join(uuid::Uuid::new_v4().simple().to_string()),
-        };
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp.path)
+        let staged = Staged::create(&self.incoming, self.unnamed_temps)
             .map_err(|e| Error::io("creating an ingest temp file", e))?;
+        let mut file = &staged.file;
         let mut hasher = Sha256::new();
         let mut head = Vec::with_capacity(SNIFF_BYTES);
         let mut size: u64 = 0;
         let mut buf = vec![0u8; CHUNK];
+        let mut unsynced = 0u64;
+        let mut early_sync: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let n = reader
                 .read(&mut buf)
@@ -797,6 +863,20 @@ impl DurableStore {
             hasher.update(chunk);
             file.write_all(chunk)
                 .map_err(|e| Error::io("writing an ingest temp file", e))?;
+            // Start writeback of what has been written so far, in the
+            // background, so the final fsync only waits for the tail.
+            unsynced += n as u64;
+            if unsynced >= WRITEBACK_EVERY && early_sync.as_ref().is_none_or(|t| t.is_finished()) {
+                unsynced = 0;
+                if let Ok(clone) = file.try_clone() {
+                    early_sync = Some(tokio::task::spawn_blocking(move || {
+                        let _ = clone.sync_data();
+                    }));
+                }
+            }
+        }
+        if let Some(t) = early_sync {
+            let _ = t.await;
         }
         let digest = hasher.finalize();
         let sha = hex(&digest);
@@ -807,19 +887,11 @@ impl DurableStore {
                 .with_policy(CleanupPolicy::DeleteOnCleanup);
         let shard_dir = self.blobs.join(&sha[..2]);
         let target = shard_dir.join(&sha);
-        drop(file);
 
         let new_blob = fs::symlink_metadata(&target).is_err();
         self.reserve(scope, size, new_blob, limits)?;
         let result = self
-            .place_and_register(
-                &temp.path,
-                &shard_dir,
-                &target,
-                &stored_meta,
-                scope,
-                &digest,
-            )
+            .place_and_register(&staged, &shard_dir, &target, &stored_meta, scope, &digest)
             .await;
         self.unreserve(scope, size, new_blob);
         let (media_ref, created) = result?;
@@ -840,7 +912,7 @@ impl DurableStore {
     /// there) and records the ref; durable on return.
     async fn place_and_register(
         &self,
-        temp: &Path,
+        staged: &Staged,
         shard_dir: &Path,
         target: &Path,
         meta: &MediaMeta,
@@ -858,25 +930,30 @@ impl DurableStore {
             }
             // A hard link never replaces: a file that is already there (same
             // digest, same bytes) is shared instead.
-            let created = match fs::hard_link(temp, target) {
+            let created = match staged.link(target) {
                 Ok(()) => true,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
                 Err(e) => return Err(Error::io(format!("placing {}", target.display()), e)),
             };
-            // One fsync of the file makes its bytes durable and, on
-            // journaling file systems, its new name with them; the
-            // directory's fsync then has little left to write. It runs
+            // One fsync of the file makes its bytes durable and, on ext4,
+            // XFS and btrfs, its new name with them: they log the link and
+            // the inode in one transaction and an fsync forces the log up
+            // to it. Elsewhere the directory is synced too. It runs
             // while the ref is committed: the ref is recorded as
             // unverified, so if we crash before both are done, opening
             // finds bytes that do not match the digest and drops the ref
             // (it was never acknowledged). A shared file is synced too: the
             // put that placed it may still be syncing.
             let (file, dir) = (target.to_path_buf(), shard_dir.to_path_buf());
+            let sync_dir_too = !self.links_persist_with_file;
             let sync = tokio::task::spawn_blocking(move || {
                 File::open(&file)
                     .and_then(|f| f.sync_all())
                     .map_err(|e| Error::io(format!("syncing {}", file.display()), e))?;
-                sync_dir(&dir)
+                if sync_dir_too {
+                    sync_dir(&dir)?;
+                }
+                Ok(())
             });
             let synced = |r: std::result::Result<Result<()>, tokio::task::JoinError>| {
                 r.map_err(|e| Error::io("syncing a managed file", io::Error::other(e)))?
@@ -919,6 +996,18 @@ impl DurableStore {
             .fetch_sub(managed.min(self.managed_bytes()), Ordering::Relaxed);
         Ok(dropped)
     }
+}
+
+/// True when `dir` is on ext4, XFS or btrfs. Each journals a link (or a
+/// create) together with the inode in one transaction, and fsync of the
+/// file forces the journal up to its last change, so the new name is
+/// durable once the file is synced: the directory needs no fsync of its
+/// own. Anything else (or an unknown answer) gets the directory fsync.
+fn links_persist_with_file(dir: &Path) -> bool {
+    const EXT4: u64 = 0xEF53;
+    const XFS: u64 = 0x5846_5342;
+    const BTRFS: u64 = 0x9123_683E;
+    rustix::fs::statfs(dir).is_ok_and(|s| matches!(s.f_type as u64, EXT4 | XFS | BTRFS))
 }
 
 /// The SHA-256 of a file's bytes, if it can be read.
