@@ -21,7 +21,7 @@ struct Committed {
     /// Every change up to this sequence number is durable.
     seq: u64,
     /// Set when a commit failed; the journal takes no more changes.
-    failed: Option<Arc<str>>,
+    failed: Option<Failure>,
 }
 
 #[derive(Default)]
@@ -36,7 +36,7 @@ struct Queue {
     /// Commit what is queued now, notes included.
     flush: bool,
     closing: bool,
-    failed: Option<Arc<str>>,
+    failed: Option<Failure>,
 }
 
 struct Shared {
@@ -118,7 +118,10 @@ impl SqliteJournal {
         if state.seq >= seq {
             return Ok(());
         }
-        Err(failed_error(state.failed.as_deref().unwrap_or("unknown")))
+        Err(match &state.failed {
+            Some(f) => failed_error(f),
+            None => Error::io("journal", std::io::Error::other("unknown failure")),
+        })
     }
 
     /// Waits, blocking the thread, until everything queued is durable.
@@ -178,10 +181,14 @@ impl SqliteJournal {
     }
 }
 
-fn failed_error(why: &str) -> Error {
+/// Why the writer stopped: the I/O error kind (e.g. storage full) and the
+/// message.
+type Failure = (std::io::ErrorKind, Arc<str>);
+
+fn failed_error((kind, why): &Failure) -> Error {
     Error::io(
         "the index could not be written; changes since the last commit were not saved and the store refuses further changes until reopened",
-        std::io::Error::other(why.to_string()),
+        std::io::Error::new(*kind, why.to_string()),
     )
 }
 
@@ -304,8 +311,13 @@ fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>
                 shared.committed.send_modify(|c| c.seq = last);
             }
             Err(e) => {
-                let why: Arc<str> = index::write_error(e).to_string().into();
-                tracing::error!(error = %why, "index commit failed; the store refuses further changes");
+                let err = index::write_error(e);
+                let kind = match &err {
+                    Error::Io { source, .. } => source.kind(),
+                    _ => std::io::ErrorKind::Other,
+                };
+                let why: Failure = (kind, err.to_string().into());
+                tracing::error!(error = %why.1, "index commit failed; the store refuses further changes");
                 shared.queue.lock().failed = Some(why.clone());
                 shared.committed.send_modify(|c| c.failed = Some(why));
                 // Keep draining so no waiter hangs; nothing more is written.
