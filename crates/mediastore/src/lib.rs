@@ -9,6 +9,10 @@
 //!
 //! - [`MediaStore`] is the async API every engine implements.
 //! - [`MemoryStore`] is the in-memory engine.
+#![cfg_attr(
+    feature = "durable",
+    doc = "- [`DurableStore`] (feature `durable`, default) keeps its state in a data dir and survives crashes; it adds managed ingest (`put`)."
+)]
 //! - [`Cleaner`] sweeps expired holds in the background.
 //! - [`conformance`] (feature `conformance`) holds the scenarios every engine
 //!   passes.

@@ -14,8 +14,9 @@ use rusqlite::{Connection, OpenFlags, Transaction, params};
 
 use crate::local::Op;
 
-/// The index format this build writes. Each entry of [`MIGRATIONS`] moves
-/// the format up by one; `user_version` records where a file stands.
+/// The index format this build writes. Opening an older index migrates it
+/// step by step (plain SQL, one step per version); the index's
+/// `user_version` records where it stands, and a newer one is refused.
 pub const FORMAT_VERSION: i64 = 1;
 
 /// SQL that takes the index from version `i` to `i + 1`.

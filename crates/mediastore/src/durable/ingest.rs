@@ -7,7 +7,7 @@ pub const MAX_FILENAME: usize = 255;
 
 /// Makes a caller's filename safe to keep and show: only its last path
 /// component, no control characters (NUL included), no path separators, at
-/// most [`MAX_FILENAME`] bytes cut at a character boundary. Invalid UTF-8
+/// most 255 bytes cut at a character boundary. Invalid UTF-8
 /// is replaced. A name that ends up empty, `.` or `..` becomes `file`.
 ///
 /// The result is metadata only: managed files are named by their digest and
