@@ -557,3 +557,24 @@ fn puts_that_crashed_before_their_bytes_were_durable_are_dropped_on_open() {
         .unwrap();
     assert_eq!(rows, (1, 1, 0));
 }
+
+#[test]
+fn large_uploads_hash_and_store_exactly_their_bytes() {
+    let d = dirs();
+    let store = builder(&d, &ManualClock::new(epoch())).open().unwrap();
+    // Past the size where hashing moves to its own thread, and past a
+    // background writeback, in uneven reads.
+    let body: Vec<u8> = (0..(20u32 << 20) + 12_345)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let want: String = sha2::Sha256::digest(&body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let reader = tokio::io::BufReader::with_capacity(100_003, &body[..]);
+    let put = block_on(store.put(reader, &meta("big.bin"), "s", &PutLimits::default())).unwrap();
+    assert_eq!(put.sha256, want);
+    assert_eq!(put.size, body.len() as u64);
+    let path = block_on(store.resolve(put.media_ref)).unwrap();
+    assert!(fs::read(&*path).unwrap() == body, "stored bytes differ");
+}

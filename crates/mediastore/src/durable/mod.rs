@@ -827,7 +827,7 @@ impl DurableStore {
         let staged = Staged::create(&self.incoming, self.unnamed_temps)
             .map_err(|e| Error::io("creating an ingest temp file", e))?;
         let mut file = &staged.file;
-        let mut hasher = Sha256::new();
+        let mut hashing = Hashing::Inline(Sha256::new());
         let mut head = Vec::with_capacity(SNIFF_BYTES);
         let mut size: u64 = 0;
         let mut buf = vec![0u8; CHUNK];
@@ -860,9 +860,9 @@ impl DurableStore {
                 let take = (SNIFF_BYTES - head.len()).min(n);
                 head.extend_from_slice(&chunk[..take]);
             }
-            hasher.update(chunk);
             file.write_all(chunk)
                 .map_err(|e| Error::io("writing an ingest temp file", e))?;
+            buf = hashing.update(buf, n, size).await;
             // Start writeback of what has been written so far, in the
             // background, so the final fsync only waits for the tail.
             unsynced += n as u64;
@@ -878,7 +878,7 @@ impl DurableStore {
         if let Some(t) = early_sync {
             let _ = t.await;
         }
-        let digest = hasher.finalize();
+        let digest = hashing.finish().await?;
         let sha = hex(&digest);
         let filename = sanitize_filename(meta.filename.as_bytes());
         let content_type = decide_content_type(&head, &meta.content_type, &filename);
@@ -946,8 +946,15 @@ impl DurableStore {
             // put that placed it may still be syncing.
             let (file, dir) = (target.to_path_buf(), shard_dir.to_path_buf());
             let sync_dir_too = !self.links_persist_with_file;
+            // Ours is synced through the handle we wrote with; a shared file
+            // is opened by name.
+            let ours = if created {
+                staged.file.try_clone().ok()
+            } else {
+                None
+            };
             let sync = tokio::task::spawn_blocking(move || {
-                File::open(&file)
+                ours.map_or_else(|| File::open(&file), Ok)
                     .and_then(|f| f.sync_all())
                     .map_err(|e| Error::io(format!("syncing {}", file.display()), e))?;
                 if sync_dir_too {
@@ -1008,6 +1015,73 @@ fn links_persist_with_file(dir: &Path) -> bool {
     const XFS: u64 = 0x5846_5342;
     const BTRFS: u64 = 0x9123_683E;
     rustix::fs::statfs(dir).is_ok_and(|s| matches!(s.f_type as u64, EXT4 | XFS | BTRFS))
+}
+
+/// Bytes of an upload after which it is hashed on a thread of its own.
+const HASH_THREAD_AFTER: u64 = 2 << 20;
+
+/// The SHA-256 of an upload. Small uploads are hashed inline; once one is
+/// large, hashing moves to a blocking thread and overlaps with reading and
+/// writing the next chunks (the two cores each do one).
+enum Hashing {
+    Inline(Sha256),
+    Threaded {
+        chunks: tokio::sync::mpsc::Sender<(Vec<u8>, usize)>,
+        spare: std::sync::mpsc::Receiver<Vec<u8>>,
+        done: tokio::task::JoinHandle<Sha256>,
+    },
+}
+
+impl Hashing {
+    /// Hashes `buf[..n]`; `total` bytes have been read so far. Returns a
+    /// buffer to read the next chunk into.
+    async fn update(&mut self, buf: Vec<u8>, n: usize, total: u64) -> Vec<u8> {
+        if let Hashing::Inline(h) = self {
+            h.update(&buf[..n]);
+            if total < HASH_THREAD_AFTER {
+                return buf;
+            }
+            let state = std::mem::take(h);
+            let (chunks, mut rx) = tokio::sync::mpsc::channel::<(Vec<u8>, usize)>(4);
+            let (give_back, spare) = std::sync::mpsc::channel();
+            let done = tokio::task::spawn_blocking(move || {
+                let mut h = state;
+                while let Some((chunk, n)) = rx.blocking_recv() {
+                    h.update(&chunk[..n]);
+                    let _ = give_back.send(chunk);
+                }
+                h
+            });
+            *self = Hashing::Threaded {
+                chunks,
+                spare,
+                done,
+            };
+            return buf;
+        }
+        let Hashing::Threaded { chunks, spare, .. } = self else {
+            unreachable!("handled above")
+        };
+        let len = buf.len();
+        if chunks.send((buf, n)).await.is_err() {
+            // The thread is gone; `finish` reports it.
+            return vec![0; len];
+        }
+        spare.try_recv().unwrap_or_else(|_| vec![0; len])
+    }
+
+    async fn finish(self) -> Result<[u8; 32]> {
+        match self {
+            Hashing::Inline(h) => Ok(h.finalize().into()),
+            Hashing::Threaded { chunks, done, .. } => {
+                drop(chunks);
+                let h = done
+                    .await
+                    .map_err(|e| Error::io("hashing an upload", io::Error::other(e)))?;
+                Ok(h.finalize().into())
+            }
+        }
+    }
 }
 
 /// The SHA-256 of a file's bytes, if it can be read.
