@@ -4,6 +4,8 @@
 //! The index is written only by the journal's writer thread and read only
 //! when the store opens; every lookup is served from memory.
 
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -387,13 +389,27 @@ impl RefTable {
         MediaRef::from_uuid(uuid::Uuid::from_u128(self.ids[i])).expect("checked at load")
     }
 
-    fn find(&self, id: u128) -> Option<usize> {
-        self.ids.binary_search(&id).ok()
-    }
-
     /// How many refs.
     pub fn len(&self) -> usize {
         self.ids.len()
+    }
+}
+
+/// Hashes a ref id by folding its halves: ids are random already.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | self.0 >> 56) ^ u64::from(*b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = (v as u64) ^ ((v >> 64) as u64);
     }
 }
 
@@ -439,12 +455,12 @@ pub fn load(path: &Path, conn: &Connection) -> Result<Snapshot> {
         path: path.to_path_buf(),
         detail: detail.into(),
     };
-    let blob = |v: ValueRef<'_>| -> Result<Vec<u8>> {
+    fn blob<'a>(v: ValueRef<'a>) -> Option<&'a [u8]> {
         match v {
-            ValueRef::Blob(b) | ValueRef::Text(b) => Ok(b.to_vec()),
-            _ => Err(corrupt("a text or blob column holds something else")),
+            ValueRef::Blob(b) | ValueRef::Text(b) => Some(b),
+            _ => None,
         }
-    };
+    }
     let mut snap = Snapshot::default();
     let mut q = conn
         .prepare("SELECT scope, never, nanos FROM scope_expiry")
@@ -476,7 +492,8 @@ pub fn load(path: &Path, conn: &Connection) -> Result<Snapshot> {
         .map_err(err)?;
     let mut rows = q.query([]).map_err(err)?;
     while let Some(r) = rows.next().map_err(err)? {
-        let id = uuid_of(&blob(r.get_ref(0).map_err(err)?)?)
+        let id = blob(r.get_ref(0).map_err(err)?)
+            .and_then(uuid_of)
             .ok_or_else(|| corrupt("a ref id is not a version 4 UUID"))?;
         let mut span = |i: usize| -> Result<Span> {
             match r.get_ref(i).map_err(err)? {
@@ -517,6 +534,15 @@ pub fn load(path: &Path, conn: &Connection) -> Result<Snapshot> {
         .query_row("SELECT count(*) FROM holds", [], |r| r.get(0))
         .map_err(err)?;
     snap.holds.reserve_exact(count as usize);
+    // Holds come in scope order, so their refs in random order: a hash
+    // lookup per hold, not a binary search through a large array.
+    let rows_by_id: HashMap<u128, u32, BuildHasherDefault<IdHasher>> = snap
+        .refs
+        .ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (*id, i as u32))
+        .collect();
     // In primary key order a scope's holds are adjacent: one name each.
     let mut q = conn
         .prepare("SELECT scope, id, made_at, seq FROM holds")
@@ -531,9 +557,10 @@ pub fn load(path: &Path, conn: &Connection) -> Result<Snapshot> {
             let name = std::str::from_utf8(scope).map_err(|_| corrupt("a scope is not UTF-8"))?;
             snap.scopes.push(name.into());
         }
-        let id = uuid_of(&blob(r.get_ref(1).map_err(err)?)?)
+        let id = blob(r.get_ref(1).map_err(err)?)
+            .and_then(uuid_of)
             .ok_or_else(|| corrupt("a held ref id is not a version 4 UUID"))?;
-        let Some(row) = snap.refs.find(id) else {
+        let Some(&row) = rows_by_id.get(&id) else {
             snap.dangling += 1;
             continue;
         };

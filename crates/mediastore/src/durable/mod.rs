@@ -1135,7 +1135,8 @@ fn restore(core: &Core, snap: &index::Snapshot, report: &mut OpenReport) -> Resu
     }
     let refs = &snap.refs;
     // Stat each distinct path once; many refs usually share a file.
-    let mut keys: HashMap<&Path, Option<FileKey>> = HashMap::new();
+    // foldhash, not SipHash: a million lookups of long paths at open.
+    let mut keys: hashbrown::HashMap<&Path, Option<FileKey>> = hashbrown::HashMap::new();
     let mut files = Vec::with_capacity(refs.len());
     for (i, row) in refs.rows.iter().enumerate() {
         let path = refs.path(row);
@@ -1167,51 +1168,116 @@ fn restore(core: &Core, snap: &index::Snapshot, report: &mut OpenReport) -> Resu
         }
     }
     // Replay holds in the order they were made or last renewed, so each
-    // scope's queue comes back in the same order.
-    let mut registered = vec![false; refs.len()];
-    let mut meta = MediaMeta::new("", "", "");
-    for h in &snap.holds {
-        let (i, scope) = (h.row as usize, &*snap.scopes[h.scope as usize]);
-        let id = refs.id(i);
+    // scope's queue comes back in the same order. Scopes are split between
+    // threads, each replaying its scopes' holds in that order: a ref is
+    // registered by the thread owning the scope of its first hold, and a
+    // thread that retains it elsewhere first waits for that. Waits only
+    // ever point to an earlier hold, which its thread has passed or will
+    // reach without waiting on us, so they end.
+    let mut first = vec![u32::MAX; refs.len()];
+    for (k, h) in snap.holds.iter().enumerate() {
+        let i = h.row as usize;
         if let Some(scopes) = torn.get_mut(&i) {
             scopes.push(snap.scopes[h.scope as usize].clone());
             continue;
         }
-        if registered[i] {
-            core.retain(Timestamp(h.made_at), id, scope)?;
-            continue;
-        }
-        registered[i] = true;
-        let row = &refs.rows[i];
-        // Consecutive refs often share their metadata; reuse the buffers.
-        for (field, span) in [
-            (&mut meta.filename, row.filename),
-            (&mut meta.content_type, row.content_type),
-            (&mut meta.source, row.source),
-        ] {
-            let text = refs.text(span);
-            if field != text {
-                field.clear();
-                field.push_str(text);
-            }
-        }
-        core.register(
-            Timestamp(row.stored_at),
-            Registration {
-                id,
-                ticket: core.deletion_ticket(),
-                file: files[i],
-                path: refs.path(row),
-                size: row.size,
-                meta: &meta,
-                policy: row.policy,
-                scope,
-            },
-        )?;
-        if h.made_at > row.stored_at {
-            core.retain(Timestamp(h.made_at), id, scope)?;
+        if first[i] == u32::MAX {
+            first[i] = k as u32;
         }
     }
+    let registered: Vec<std::sync::atomic::AtomicBool> =
+        (0..refs.len()).map(|_| Default::default()).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    // Set when a thread fails, so that no other waits for a ref it will
+    // never register.
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let replay_part = |part: usize| -> Result<()> {
+        let mut meta = MediaMeta::new("", "", "");
+        for (k, h) in snap.holds.iter().enumerate() {
+            if h.scope as usize % threads != part {
+                continue;
+            }
+            let i = h.row as usize;
+            if first[i] == u32::MAX {
+                continue; // torn
+            }
+            let (id, scope) = (refs.id(i), &*snap.scopes[h.scope as usize]);
+            if first[i] as usize != k {
+                while !registered[i].load(Ordering::Acquire) {
+                    if failed.load(Ordering::Acquire) {
+                        return Err(Error::io(
+                            "restoring",
+                            io::Error::other("another restore thread failed"),
+                        ));
+                    }
+                    std::thread::yield_now();
+                }
+                core.retain(Timestamp(h.made_at), id, scope)?;
+                continue;
+            }
+            let row = &refs.rows[i];
+            // Consecutive refs often share their metadata; reuse buffers.
+            for (field, span) in [
+                (&mut meta.filename, row.filename),
+                (&mut meta.content_type, row.content_type),
+                (&mut meta.source, row.source),
+            ] {
+                let text = refs.text(span);
+                if field != text {
+                    field.clear();
+                    field.push_str(text);
+                }
+            }
+            let done = core
+                .register(
+                    Timestamp(row.stored_at),
+                    Registration {
+                        id,
+                        ticket: core.deletion_ticket(),
+                        file: files[i],
+                        path: refs.path(row),
+                        size: row.size,
+                        meta: &meta,
+                        policy: row.policy,
+                        scope,
+                    },
+                )
+                .and_then(|()| {
+                    if h.made_at > row.stored_at {
+                        core.retain(Timestamp(h.made_at), id, scope)
+                    } else {
+                        Ok(())
+                    }
+                });
+            // Set even on failure, so no other thread waits forever.
+            registered[i].store(true, Ordering::Release);
+            done?;
+        }
+        Ok(())
+    };
+    let replay = |part: usize| -> Result<()> {
+        let result = replay_part(part);
+        if result.is_err() {
+            failed.store(true, Ordering::Release);
+        }
+        result
+    };
+    std::thread::scope(|s| {
+        let replay = &replay;
+        let handles: Vec<_> = (1..threads).map(|t| s.spawn(move || replay(t))).collect();
+        let mut result = replay(0);
+        for h in handles {
+            let r = h.join().unwrap_or_else(|_| {
+                Err(Error::io(
+                    "restoring",
+                    io::Error::other("a restore thread panicked"),
+                ))
+            });
+            result = result.and(r);
+        }
+        result
+    })?;
+    let registered: Vec<bool> = first.iter().map(|f| *f != u32::MAX).collect();
     report.refs = registered.iter().filter(|r| **r).count() as u64;
     report.unfinished_puts = torn.len() as u64;
     report.holds = snap.holds.len() as u64 - torn.values().map(|s| s.len() as u64).sum::<u64>();
