@@ -405,7 +405,7 @@ impl std::hash::Hasher for IdHasher {
     }
     fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
-            self.0 = (self.0 << 8 | self.0 >> 56) ^ u64::from(*b);
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
         }
     }
     fn write_u128(&mut self, v: u128) {
@@ -569,7 +569,7 @@ pub fn load(path: &Path, conn: &Connection) -> Result<Snapshot> {
         snap.holds.push(HoldRow {
             seq,
             made_at: u(r.get(2).map_err(err)?),
-            row: row as u32,
+            row,
             scope: (snap.scopes.len() - 1) as u32,
         });
     }
