@@ -935,10 +935,10 @@ impl DurableStore {
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
                 Err(e) => return Err(Error::io(format!("placing {}", target.display()), e)),
             };
-            // One fsync of the file makes its bytes durable and, on ext4,
-            // XFS and btrfs, its new name with them: they log the link and
-            // the inode in one transaction and an fsync forces the log up
-            // to it. Elsewhere the directory is synced too. It runs
+            // One fsync of the file makes its bytes durable and, on XFS,
+            // btrfs and journaled ext4, its new name with them: they log
+            // the link and the inode in one transaction and an fsync forces
+            // the log up to it. Elsewhere the directory is synced too. It runs
             // while the ref is committed: the ref is recorded as
             // unverified, so if we crash before both are done, opening
             // finds bytes that do not match the digest and drops the ref
@@ -1005,16 +1005,50 @@ impl DurableStore {
     }
 }
 
-/// True when `dir` is on ext4, XFS or btrfs. Each journals a link (or a
-/// create) together with the inode in one transaction, and fsync of the
-/// file forces the journal up to its last change, so the new name is
-/// durable once the file is synced: the directory needs no fsync of its
-/// own. Anything else (or an unknown answer) gets the directory fsync.
+/// True when `dir` is on XFS, btrfs or ext4 *with a journal*. These log a
+/// link (or a create) together with the inode, and fsync of the file
+/// forces the log up to its last change, so the new name is durable once
+/// the file is synced and the directory needs no fsync of its own. ext4
+/// without a journal syncs the parent only for newly created names, not
+/// for links; it and anything else (or an unknown answer) get the
+/// directory fsync.
 fn links_persist_with_file(dir: &Path) -> bool {
     const EXT4: u64 = 0xEF53;
     const XFS: u64 = 0x5846_5342;
     const BTRFS: u64 = 0x9123_683E;
-    rustix::fs::statfs(dir).is_ok_and(|s| matches!(s.f_type as u64, EXT4 | XFS | BTRFS))
+    match rustix::fs::statfs(dir).map(|s| s.f_type as u64) {
+        Ok(XFS | BTRFS) => true,
+        Ok(EXT4) => ext4_has_journal(dir),
+        _ => false,
+    }
+}
+
+/// True when the ext4 file system holding `dir` has a journal: the kernel
+/// lists journals in /proc/fs/jbd2 as `<device>-<journal inode>`.
+fn ext4_has_journal(dir: &Path) -> bool {
+    use rustix::fs::{AtFlags, CWD, StatxFlags, statx};
+    let Ok(st) = statx(CWD, dir, AtFlags::empty(), StatxFlags::BASIC_STATS) else {
+        return false;
+    };
+    let uevent = format!(
+        "/sys/dev/block/{}:{}/uevent",
+        st.stx_dev_major, st.stx_dev_minor
+    );
+    let Ok(uevent) = fs::read_to_string(uevent) else {
+        return false;
+    };
+    let Some(device) = uevent.lines().find_map(|l| l.strip_prefix("DEVNAME=")) else {
+        return false;
+    };
+    let Ok(journals) = fs::read_dir("/proc/fs/jbd2") else {
+        return false;
+    };
+    journals.flatten().any(|j| {
+        j.file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix(device))
+            .is_some_and(|rest| rest.starts_with('-'))
+    })
 }
 
 /// Bytes of an upload after which it is hashed on a thread of its own.
@@ -1385,5 +1419,24 @@ impl MediaStore for DurableStore {
 
     fn expiry_configured(&self) -> bool {
         self.local.core.expiry_configured()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_journaling_file_systems_skip_the_directory_fsync() {
+        // tmpfs logs nothing: a new name needs its directory synced.
+        let shm = tempfile::tempdir_in("/dev/shm").expect("/dev/shm is a tmpfs on Linux");
+        assert!(!links_persist_with_file(shm.path()));
+        // Whatever the root is, the answer agrees with the kernel's list
+        // of journals for an ext4 root.
+        let root_is_ext4 = rustix::fs::statfs("/").is_ok_and(|s| s.f_type as u64 == 0xEF53);
+        if root_is_ext4 {
+            let journaled = fs::read_dir("/proc/fs/jbd2").is_ok_and(|mut d| d.next().is_some());
+            assert!(!links_persist_with_file(Path::new("/")) || journaled);
+        }
     }
 }
