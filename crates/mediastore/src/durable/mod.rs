@@ -114,6 +114,8 @@ pub struct OrphanReport {
     /// Young unreferenced files whose bytes do not match their name (a
     /// crash before they were synced), removed.
     pub torn_removed: u64,
+    /// Upload temp files in shard dirs left by an interrupted put, removed.
+    pub temp_files_removed: u64,
 }
 
 /// What opening a data dir found and did.
@@ -241,11 +243,8 @@ pub struct DurableStore {
     /// flight (`reserved`).
     managed_bytes: AtomicU64,
     reserved: Mutex<Reservations>,
-    /// True when uploads are staged as unnamed files (see [`Staged`]).
-    unnamed_temps: bool,
-    /// True on file systems where syncing a newly linked file also makes
-    /// its directory entry durable (see [`links_persist_with_file`]).
-    links_persist_with_file: bool,
+    /// How uploads are staged and placed.
+    placement: Placement,
     /// Puts hold it shared from placing a managed file until its ref is
     /// recorded; orphan sweeps hold it exclusively.
     ingest: tokio::sync::RwLock<()>,
@@ -327,28 +326,85 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// A temp file in the incoming dir, removed on drop unless kept.
-/// An upload being written: an unnamed file (`O_TMPFILE`) where the file
-/// system supports it, else a named temp file removed on drop. Either way
-/// a crash leaves nothing visible: an unnamed inode is freed, a named temp
-/// is cleared on open.
+/// How uploads are staged and put in place, chosen at open from what the
+/// file system guarantees. In every case the file's one fsync (with the
+/// directory's, where needed) makes both its bytes and its name durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Placement {
+    /// XFS, btrfs, ext4 with a journal: an unnamed `O_TMPFILE` inode,
+    /// linked into place. The log carries the link with the inode.
+    Unnamed,
+    /// The same file systems without `O_TMPFILE`: a named temp file in
+    /// `.incoming`, linked into place. The log carries the link.
+    LinkedTemp,
+    /// ext4 without a journal: a named temp file created in a shard dir and
+    /// renamed into place. ext4 syncs the directory holding a newly
+    /// created name together with the file, wherever that name has moved.
+    RenamedTemp,
+    /// Anything else: a named temp file in `.incoming`, linked into place,
+    /// and the directory synced on its own.
+    Portable,
+}
+
+impl Placement {
+    fn choose(blobs: &Path, incoming: &Path) -> Self {
+        const EXT4: u64 = 0xEF53;
+        if links_persist_with_file(blobs) {
+            let probe = incoming.join("probe");
+            let unnamed = Staged::create(incoming, Placement::Unnamed)
+                .and_then(|s| s.place(&probe))
+                .is_ok();
+            let _ = fs::remove_file(&probe);
+            return if unnamed {
+                Placement::Unnamed
+            } else {
+                Placement::LinkedTemp
+            };
+        }
+        if rustix::fs::statfs(blobs).is_ok_and(|s| s.f_type as u64 == EXT4) {
+            return Placement::RenamedTemp;
+        }
+        Placement::Portable
+    }
+
+    /// True when the shard directory must be synced after placing a file.
+    fn syncs_directory(self) -> bool {
+        self == Placement::Portable
+    }
+}
+
+/// Prefix of temp names inside shard dirs ([`Placement::RenamedTemp`]).
+const TEMP_PREFIX: &str = ".tmp-";
+
+/// An upload being written. A named temp file is removed on drop if it
+/// was not placed; an unnamed one is freed by the kernel. A crash leaves
+/// named temps behind; opening removes them.
 struct Staged {
     file: File,
     /// The temp name, for a named temp file.
     temp: Option<PathBuf>,
+    how: Placement,
 }
 
 impl Staged {
-    fn create(incoming: &Path, unnamed: bool) -> io::Result<Self> {
+    /// Creates the temp in `dir` (`.incoming`, or a shard dir for
+    /// [`Placement::RenamedTemp`]).
+    fn create(dir: &Path, how: Placement) -> io::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
-        if unnamed {
+        if how == Placement::Unnamed {
             let file = fs::OpenOptions::new()
                 .write(true)
                 .custom_flags(rustix::fs::OFlags::TMPFILE.bits() as i32)
                 .mode(0o644)
-                .open(incoming)?;
-            return Ok(Self { file, temp: None });
+                .open(dir)?;
+            return Ok(Self {
+                file,
+                temp: None,
+                how,
+            });
         }
-        let path = incoming.join(uuid::Uuid::new_v4().simple().to_string());
+        let name = format!("{TEMP_PREFIX}{}", uuid::Uuid::new_v4().simple());
+        let path = dir.join(name);
         let file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -356,17 +412,27 @@ impl Staged {
         Ok(Self {
             file,
             temp: Some(path),
+            how,
         })
     }
 
-    /// Gives the file the name `target`; never replaces an existing file.
-    fn link(&self, target: &Path) -> io::Result<()> {
+    /// Gives the file the name `target`; never replaces an existing file
+    /// (`AlreadyExists` then).
+    fn place(&self, target: &Path) -> io::Result<()> {
         use std::os::fd::AsRawFd;
-        match &self.temp {
-            Some(temp) => fs::hard_link(temp, target),
+        match (&self.temp, self.how) {
+            (Some(temp), Placement::RenamedTemp) => rustix::fs::renameat_with(
+                rustix::fs::CWD,
+                temp,
+                rustix::fs::CWD,
+                target,
+                rustix::fs::RenameFlags::NOREPLACE,
+            )
+            .map_err(io::Error::from),
+            (Some(temp), _) => fs::hard_link(temp, target),
             // Naming an unnamed file through /proc needs no privilege
             // (AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH).
-            None => rustix::fs::linkat(
+            (None, _) => rustix::fs::linkat(
                 rustix::fs::CWD,
                 format!("/proc/self/fd/{}", self.file.as_raw_fd()),
                 rustix::fs::CWD,
@@ -380,21 +446,11 @@ impl Staged {
 
 impl Drop for Staged {
     fn drop(&mut self) {
+        // After a rename the temp name is gone and this fails harmlessly.
         if let Some(temp) = &self.temp {
             let _ = fs::remove_file(temp);
         }
     }
-}
-
-/// True when unnamed temp files can be created in `incoming` and named
-/// later through /proc.
-fn unnamed_temps_work(incoming: &Path) -> bool {
-    let probe = incoming.join("probe");
-    let ok = Staged::create(incoming, true)
-        .and_then(|s| s.link(&probe))
-        .is_ok();
-    let _ = fs::remove_file(&probe);
-    ok
 }
 
 impl DurableStore {
@@ -466,8 +522,7 @@ impl DurableStore {
         let local = Local::new(core, OwnedRoots::new(&roots)?, b.clock);
         let restored = restore(&local.core, &snap, &mut report)?;
 
-        let links_persist_with_file = links_persist_with_file(&blobs);
-        let unnamed_temps = unnamed_temps_work(&incoming);
+        let placement = Placement::choose(&blobs, &incoming);
         let journal = Arc::new(SqliteJournal::start(conn, index_path, snap.max_seq)?);
         let local = local.with_journal(journal.clone());
         let store = Self {
@@ -481,8 +536,7 @@ impl DurableStore {
             managed_bytes: AtomicU64::new(0),
             reserved: Mutex::new(Reservations::default()),
             ingest: tokio::sync::RwLock::new(()),
-            links_persist_with_file,
-            unnamed_temps,
+            placement,
             report,
             _lock: lock,
         };
@@ -494,7 +548,8 @@ impl DurableStore {
             store.note(Op::Forget { id, scopes });
         }
         report.deletions_completed = store.finish_pending(snap.pending);
-        report.orphans = store.sweep_orphans_locked(store.orphan_grace)?;
+        report.orphans = store.sweep_orphans_locked(store.orphan_grace, true)?;
+        report.temp_files_removed += report.orphans.temp_files_removed;
         report.orphans.strays_removed += strays;
         store.journal.flush_blocking()?;
         store
@@ -560,11 +615,11 @@ impl DurableStore {
     /// `grace`, and anything in the managed dir that is not a plain file.
     pub async fn sweep_orphans(&self, grace: Duration) -> Result<OrphanReport> {
         let _exclusive = self.ingest.write().await;
-        self.sweep_orphans_locked(grace)
+        self.sweep_orphans_locked(grace, false)
     }
 
     /// The sweep; the caller holds `ingest` exclusively (or is opening).
-    fn sweep_orphans_locked(&self, grace: Duration) -> Result<OrphanReport> {
+    fn sweep_orphans_locked(&self, grace: Duration, at_open: bool) -> Result<OrphanReport> {
         let mut report = OrphanReport::default();
         let now = SystemTime::now();
         let read = |dir: &Path| {
@@ -612,6 +667,21 @@ impl DurableStore {
                     .ok()
                     .and_then(|m| now.duration_since(m).ok())
                     .unwrap_or_default();
+                let is_temp = entry
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|n| n.starts_with(TEMP_PREFIX));
+                if is_temp {
+                    // An upload being written, or one a crash interrupted:
+                    // at open (`at_open`) none can be in flight.
+                    if !at_open && age < grace {
+                        continue;
+                    }
+                    if fs::remove_file(&path).is_ok() {
+                        report.temp_files_removed += 1;
+                    }
+                    continue;
+                }
                 if age < grace {
                     // A crash between placing a file and syncing it can
                     // leave its name with other bytes; identical content
@@ -824,7 +894,14 @@ impl DurableStore {
     ) -> Result<PutReport> {
         mediastore_core::validate_scope(scope)?;
         let (room, why) = self.room(scope, limits)?;
-        let staged = Staged::create(&self.incoming, self.unnamed_temps)
+        let stage_dir = match self.placement {
+            // Created where it will live: any shard dir will do.
+            Placement::RenamedTemp => self
+                .blobs
+                .join(format!("{:02x}", uuid::Uuid::new_v4().as_bytes()[0])),
+            _ => self.incoming.clone(),
+        };
+        let staged = Staged::create(&stage_dir, self.placement)
             .map_err(|e| Error::io("creating an ingest temp file", e))?;
         let mut file = &staged.file;
         let mut hashing = Hashing::Inline(Sha256::new());
@@ -930,7 +1007,7 @@ impl DurableStore {
             }
             // A hard link never replaces: a file that is already there (same
             // digest, same bytes) is shared instead.
-            let created = match staged.link(target) {
+            let created = match staged.place(target) {
                 Ok(()) => true,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
                 Err(e) => return Err(Error::io(format!("placing {}", target.display()), e)),
@@ -945,7 +1022,7 @@ impl DurableStore {
             // (it was never acknowledged). A shared file is synced too: the
             // put that placed it may still be syncing.
             let (file, dir) = (target.to_path_buf(), shard_dir.to_path_buf());
-            let sync_dir_too = !self.links_persist_with_file;
+            let sync_dir_too = self.placement.syncs_directory();
             // Ours is synced through the handle we wrote with; a shared file
             // is opened by name.
             let ours = if created {
@@ -1425,6 +1502,35 @@ impl MediaStore for DurableStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_placement_names_the_file_once_and_never_replaces() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        for how in [
+            Placement::Unnamed,
+            Placement::LinkedTemp,
+            Placement::RenamedTemp,
+            Placement::Portable,
+        ] {
+            let target = dir.path().join(format!("{how:?}"));
+            let mut staged = Staged::create(dir.path(), how).unwrap();
+            staged.file.write_all(b"bytes").unwrap();
+            staged.place(&target).unwrap();
+            let other = Staged::create(dir.path(), how).unwrap();
+            let err = other.place(&target).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::AlreadyExists, "{how:?}");
+            drop((staged, other));
+            assert_eq!(fs::read(&target).unwrap(), b"bytes", "{how:?}");
+        }
+        // Only the placed files remain: no temp is left behind.
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["LinkedTemp", "Portable", "RenamedTemp", "Unnamed"]);
+    }
 
     #[test]
     fn only_journaling_file_systems_skip_the_directory_fsync() {
