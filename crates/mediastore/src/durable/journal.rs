@@ -35,6 +35,9 @@ struct Queue {
     wake_at: Option<usize>,
     /// Commit what is queued now, notes included.
     flush: bool,
+    /// The writer waits for a first change (and wants to hear of notes too,
+    /// to commit them after [`NOTE_DELAY`]).
+    idle: bool,
     closing: bool,
     failed: Option<Failure>,
 }
@@ -219,9 +222,7 @@ impl Journal for SqliteJournal {
         // Wake the writer only when it waits for this many changes: a
         // lingering writer woken by every push would cost a context switch
         // per change.
-        let wake = q
-            .wake_at
-            .is_some_and(|n| q.awaited >= n || q.ops.len() == 1);
+        let wake = q.wake_at == Some(q.awaited) || (q.idle && q.ops.len() == 1);
         drop(q);
         if wake {
             self.shared.wake.notify_one();
@@ -247,9 +248,10 @@ fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>
     // How long the last commit took and how many changes it carried.
     let mut last_commit = (Duration::ZERO, 0usize);
     loop {
-        let (last, awaited) = {
+        {
             let mut q = shared.queue.lock();
             q.wake_at = Some(1);
+            q.idle = true;
             while q.awaited == 0 && !q.closing && !q.flush {
                 if q.ops.is_empty() {
                     shared.wake.wait(&mut q);
@@ -257,6 +259,7 @@ fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>
                     break;
                 }
             }
+            q.idle = false;
             if q.ops.is_empty() {
                 if q.closing {
                     return conn;
@@ -264,39 +267,58 @@ fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>
                 q.flush = false;
                 continue;
             }
-            // With several writers, the callers woken by the last commit
-            // queue their next change microseconds later; committing at
-            // once would split them into two cohorts that alternate,
-            // halving the changes per fsync. So wait until as many callers
-            // as the last commit served are back, but never longer than
-            // half a commit.
-            if last_commit.1 > 1 && q.awaited < last_commit.1 {
-                let limit = Instant::now() + last_commit.0 / 2;
-                q.wake_at = Some(last_commit.1);
-                while !q.closing && q.awaited < last_commit.1 {
+            q.wake_at = None;
+            q.flush = false;
+        }
+        // With several writers, the callers woken by the last commit queue
+        // their next change microseconds later; committing at once would
+        // split them into two cohorts that alternate, halving the changes
+        // per fsync. So the transaction stays open until as many callers
+        // as the last commit served are back (never longer than half a
+        // commit), and changes are applied as they arrive, while the
+        // others are still on their way.
+        let started = Instant::now();
+        let limit = started + last_commit.0 / 2;
+        let target = if last_commit.1 > 1 { last_commit.1 } else { 0 };
+        let (mut awaited, mut changes, mut last) = (0usize, 0u64, 0u64);
+        let mut applied = started;
+        let result = (|| {
+            let tx = conn.transaction()?;
+            loop {
+                {
+                    let mut q = shared.queue.lock();
+                    awaited += std::mem::take(&mut q.awaited);
+                    std::mem::swap(&mut batch, &mut q.ops);
+                    last = q.last;
+                }
+                let first = last + 1 - batch.len() as u64;
+                for (n, op) in batch.iter().enumerate() {
+                    index::apply(&tx, op, first + n as u64)?;
+                }
+                changes += batch.len() as u64;
+                batch.clear();
+                if awaited >= target || Instant::now() >= limit {
+                    break;
+                }
+                let mut q = shared.queue.lock();
+                // Wake for half of those still missing: the first half is
+                // applied while the second is on its way, for a handful of
+                // wake-ups per commit rather than one per change.
+                let wanted = (target - awaited).div_ceil(2);
+                q.wake_at = Some(wanted);
+                while !q.closing && !q.flush && q.awaited < wanted {
                     if shared.wake.wait_until(&mut q, limit).timed_out() {
                         break;
                     }
                 }
-            }
-            q.wake_at = None;
-            q.flush = false;
-            let awaited = std::mem::take(&mut q.awaited);
-            std::mem::swap(&mut batch, &mut q.ops);
-            (q.last, awaited)
-        };
-        let started = Instant::now();
-        let mut applied = started;
-        let result = (|| {
-            let tx = conn.transaction()?;
-            let first = last + 1 - batch.len() as u64;
-            for (n, op) in batch.iter().enumerate() {
-                index::apply(&tx, op, first + n as u64)?;
+                q.wake_at = None;
+                if q.ops.is_empty() {
+                    break;
+                }
             }
             applied = Instant::now();
             tx.commit()
         })();
-        let changes = batch.len() as u64;
         last_commit = (started.elapsed(), awaited);
         batch.clear();
         match result {
