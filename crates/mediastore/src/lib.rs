@@ -68,8 +68,8 @@ pub use cleaner::{Cleaner, CleanerConfig};
 pub use clock::{Clock, ManualClock, SystemClock};
 #[cfg(feature = "durable")]
 pub use durable::{
-    DurableStore, DurableStoreBuilder, FORMAT_VERSION, JournalStats, OpenReport, OrphanReport,
-    PutLimits, PutReport, Quotas, decide_content_type, sanitize_filename,
+    DEFAULT_DATA_DIR, DurableStore, DurableStoreBuilder, FORMAT_VERSION, JournalStats, OpenReport,
+    OrphanReport, PutLimits, PutReport, Quotas, decide_content_type, sanitize_filename,
 };
 pub use mediastore_core::{
     CleanupPolicy, DeleteOutcome, Error, Expiry, FileKey, FileState, FileStatus, MediaMeta,

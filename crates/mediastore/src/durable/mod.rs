@@ -453,9 +453,19 @@ impl Drop for Staged {
     }
 }
 
+/// The data dir used when none is given: `./mediastore-data`.
+pub const DEFAULT_DATA_DIR: &str = "./mediastore-data";
+
+impl Default for DurableStoreBuilder {
+    /// A builder for [`DEFAULT_DATA_DIR`].
+    fn default() -> Self {
+        DurableStore::builder(DEFAULT_DATA_DIR)
+    }
+}
+
 impl DurableStore {
-    /// A builder for the data dir at `data_dir` (the conventional default
-    /// is `./mediastore-data`).
+    /// A builder for the data dir at `data_dir` ([`DEFAULT_DATA_DIR`] via
+    /// `DurableStoreBuilder::default()`).
     pub fn builder(data_dir: impl Into<PathBuf>) -> DurableStoreBuilder {
         DurableStoreBuilder {
             data_dir: data_dir.into(),
