@@ -245,7 +245,8 @@ const NOTE_DELAY: Duration = Duration::from_millis(200);
 
 fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>) -> Connection {
     let mut batch = Vec::new();
-    // How long the last commit took and how many changes it carried.
+    // How long the last `COMMIT` took (the log sync, mostly) and how many
+    // awaited changes it carried.
     let mut last_commit = (Duration::ZERO, 0usize);
     loop {
         {
@@ -274,11 +275,11 @@ fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>
         // their next change microseconds later; committing at once would
         // split them into two cohorts that alternate, halving the changes
         // per fsync. So the transaction stays open until as many callers
-        // as the last commit served are back (never longer than half a
-        // commit), and changes are applied as they arrive, while the
+        // as the last commit served are back (never longer than the last
+        // commit took), and changes are applied as they arrive, while the
         // others are still on their way.
         let started = Instant::now();
-        let limit = started + last_commit.0 / 2;
+        let limit = started + last_commit.0;
         let target = if last_commit.1 > 1 { last_commit.1 } else { 0 };
         let (mut awaited, mut changes, mut last) = (0usize, 0u64, 0u64);
         let mut applied = started;
@@ -319,7 +320,7 @@ fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>
             applied = Instant::now();
             tx.commit()
         })();
-        last_commit = (started.elapsed(), awaited);
+        last_commit = (applied.elapsed(), awaited);
         batch.clear();
         match result {
             Ok(()) => {
