@@ -621,3 +621,43 @@ fn reopening_keeps_every_scope_in_order_even_for_holds_made_in_one_tick() {
     assert_eq!(after, before);
     store.core().check_invariants().unwrap();
 }
+
+#[test]
+fn planted_symlinks_and_foreign_databases_in_the_data_dir_are_refused() {
+    let clock = ManualClock::new(epoch());
+    // A LOCK symlink must not let open truncate or write its target.
+    let d = dirs();
+    fs::create_dir_all(&d.data).unwrap();
+    let victim = d.outside.join("victim.txt");
+    fs::write(&victim, b"precious").unwrap();
+    std::os::unix::fs::symlink(&victim, d.data.join("LOCK")).unwrap();
+    assert!(matches!(builder(&d, &clock).open(), Err(Error::Io { .. })));
+    assert_eq!(fs::read(&victim).unwrap(), b"precious");
+
+    // An index symlinked to another application's database.
+    let d = dirs();
+    fs::create_dir_all(&d.data).unwrap();
+    let foreign = d.outside.join("app.db");
+    {
+        let conn = rusqlite::Connection::open(&foreign).unwrap();
+        conn.execute_batch("CREATE TABLE accounts (id INTEGER PRIMARY KEY, balance INTEGER);")
+            .unwrap();
+    }
+    let before = fs::read(&foreign).unwrap();
+    std::os::unix::fs::symlink(&foreign, d.data.join("index.sqlite")).unwrap();
+    assert!(
+        builder(&d, &clock).open().is_err(),
+        "opened through a symlink"
+    );
+    // The same database copied in place: refused as not ours, untouched.
+    fs::remove_file(d.data.join("index.sqlite")).unwrap();
+    fs::copy(&foreign, d.data.join("index.sqlite")).unwrap();
+    match builder(&d, &clock).open() {
+        Err(Error::Corrupt { detail, .. }) => {
+            assert!(detail.contains("not a mediastore"), "{detail}")
+        }
+        other => panic!("expected Corrupt, got {:?}", other.err()),
+    }
+    assert_eq!(fs::read(d.data.join("index.sqlite")).unwrap(), before);
+    assert_eq!(fs::read(&foreign).unwrap(), before);
+}

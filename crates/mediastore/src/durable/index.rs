@@ -105,17 +105,23 @@ pub fn write_error(e: rusqlite::Error) -> Error {
 
 /// Opens (creating if needed) and migrates the index.
 pub fn open(path: &Path) -> Result<Connection> {
+    // Never through a symlink: a planted one would hand us someone else's
+    // database.
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        | OpenFlags::SQLITE_OPEN_NOFOLLOW;
     let mut conn = Connection::open_with_flags(path, flags).map_err(|e| open_error(path, e))?;
     // WAL with `synchronous = FULL`: a commit is durable when it returns,
     // at the price of one fsync of the log. Exclusive locking keeps the
     // WAL index in memory (no -shm file); the data dir's lock file already
     // keeps other processes out.
+    conn.execute_batch("PRAGMA locking_mode = EXCLUSIVE;")
+        .map_err(|e| open_error(path, e))?;
+    // Before changing anything (the journal mode included): is it ours?
+    check_identity(path, &conn)?;
     conn.execute_batch(
-        "PRAGMA locking_mode = EXCLUSIVE;
-         PRAGMA journal_mode = WAL;
+        "PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
          PRAGMA cache_size = -16384;",
     )
@@ -126,10 +132,25 @@ pub fn open(path: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-fn migrate(path: &Path, conn: &mut Connection) -> Result<()> {
+/// Refuses an index written by a newer mediastore, and any database that
+/// is not a mediastore index (one with tables but no version, or no tag).
+fn check_identity(path: &Path, conn: &Connection) -> Result<()> {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(|e| open_error(path, e))?;
+    if version == 0 {
+        // A fresh index has no tables; anything else is not ours to take.
+        let tables: i64 = conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .map_err(|e| open_error(path, e))?;
+        if tables > 0 {
+            return Err(Error::Corrupt {
+                path: path.to_path_buf(),
+                detail: "not a mediastore index (it holds other tables)".into(),
+            });
+        }
+        return Ok(());
+    }
     if version > FORMAT_VERSION {
         return Err(Error::Corrupt {
             path: path.to_path_buf(),
@@ -138,22 +159,26 @@ fn migrate(path: &Path, conn: &mut Connection) -> Result<()> {
             ),
         });
     }
-    if version > 0 {
-        let app: Option<String> = conn
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'application'",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(|e| open_error(path, e))
-            .ok();
-        if app.as_deref() != Some("mediastore") {
-            return Err(Error::Corrupt {
-                path: path.to_path_buf(),
-                detail: "not a mediastore index".into(),
-            });
-        }
+    let app: Option<String> = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'application'",
+            [],
+            |r| r.get(0),
+        )
+        .ok();
+    if app.as_deref() != Some("mediastore") {
+        return Err(Error::Corrupt {
+            path: path.to_path_buf(),
+            detail: "not a mediastore index".into(),
+        });
     }
+    Ok(())
+}
+
+fn migrate(path: &Path, conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| open_error(path, e))?;
     for (from, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction().map_err(|e| open_error(path, e))?;
         tx.execute_batch(sql).map_err(|e| open_error(path, e))?;

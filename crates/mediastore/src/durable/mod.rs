@@ -260,14 +260,24 @@ struct Reservations {
 }
 
 fn lock_data_dir(dir: &Path) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(LOCK_FILE);
+    // Never through a symlink: a planted one would make us truncate and
+    // write whatever it points to.
     let mut file = fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
         .open(&path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Err(Error::io(
+            format!("{} must be a regular file", path.display()),
+            io::Error::from(io::ErrorKind::InvalidInput),
+        ));
+    }
     match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => {}
         Err(rustix::io::Errno::WOULDBLOCK) => {
