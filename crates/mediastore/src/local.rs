@@ -3,6 +3,7 @@
 //! the order the core applied it.
 
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -321,7 +322,13 @@ impl Local {
             media_ref,
             path: resolved.path.to_path_buf(),
         };
-        let file = match File::open(&resolved.path) {
+        // Non-blocking, so a FIFO swapped in for the file cannot hang us;
+        // its identity check below then fails. No effect on regular files.
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(&resolved.path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(vanished()),
             Err(e) => return Err(Error::file(resolved.path.to_path_buf(), e)),

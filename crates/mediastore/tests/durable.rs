@@ -661,3 +661,53 @@ fn planted_symlinks_and_foreign_databases_in_the_data_dir_are_refused() {
     assert_eq!(fs::read(d.data.join("index.sqlite")).unwrap(), before);
     assert_eq!(fs::read(&foreign).unwrap(), before);
 }
+
+fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &target);
+        } else {
+            fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_data_dir_copied_elsewhere_keeps_its_managed_refs() {
+    let d = dirs();
+    let clock = ManualClock::new(epoch());
+    let put = {
+        let store = builder(&d, &clock).open().unwrap();
+        block_on(store.put(&b"moved bytes"[..], &meta("m"), "s", &PutLimits::default())).unwrap()
+    };
+    // A backup restored to another path: new inodes, new location.
+    let moved = d.outside.join("restored-data");
+    copy_tree(&d.data, &moved);
+    fs::remove_dir_all(&d.data).unwrap();
+    let store = DurableStore::builder(&moved)
+        .clock(clock.clone())
+        .orphan_grace(Duration::ZERO)
+        .open()
+        .unwrap();
+    let report = store.open_report().clone();
+    assert_eq!(report.refs, 1);
+    assert!(report.vanished.is_empty(), "{:?}", report.vanished);
+    assert_eq!(
+        report.orphans.files_removed, 0,
+        "the managed file is no orphan"
+    );
+    let path = block_on(store.resolve(put.media_ref)).unwrap();
+    assert!(path.starts_with(store.managed_dir()), "{path:?}");
+    assert_eq!(fs::read(&*path).unwrap(), b"moved bytes");
+    let (_, resolved) = block_on(store.open(put.media_ref)).unwrap();
+    assert_eq!(
+        store.digest(&resolved).as_deref(),
+        Some(put.sha256.as_str())
+    );
+    let r = block_on(store.release_all("s")).unwrap();
+    assert_eq!(r.files_deleted, 1);
+    assert!(!path.exists());
+}

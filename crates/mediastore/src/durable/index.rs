@@ -369,9 +369,10 @@ pub struct RefRow {
     pub size: u64,
     pub policy: CleanupPolicy,
     pub stored_at: u64,
-    /// The digest the file must have, for a managed ref whose put may not
-    /// have finished syncing its bytes.
-    pub verify: Option<[u8; 32]>,
+    /// The digest of a managed ref's bytes (its file's name).
+    pub sha256: Option<[u8; 32]>,
+    /// A managed ref whose put may not have finished syncing its bytes.
+    pub unverified: bool,
 }
 
 /// Every ref of the index, sorted by id, in a few large buffers: opening a
@@ -511,7 +512,7 @@ pub fn load(path: &Path, conn: &Connection) -> Result<Snapshot> {
     let mut q = conn
         .prepare(
             "SELECT id, path, dev, ino, born, size, filename, content_type, source, policy, stored_at,
-                    CASE WHEN unverified != 0 THEN sha256 END
+                    sha256, unverified
              FROM refs ORDER BY id",
         )
         .map_err(err)?;
@@ -546,13 +547,14 @@ pub fn load(path: &Path, conn: &Connection) -> Result<Snapshot> {
                 CleanupPolicy::ForgetOnly
             },
             stored_at: u(r.get(10).map_err(err)?),
-            verify: match r.get_ref(11).map_err(err)? {
+            sha256: match r.get_ref(11).map_err(err)? {
                 ValueRef::Blob(b) => Some(
                     b.try_into()
                         .map_err(|_| corrupt("a digest is not 32 bytes"))?,
                 ),
                 _ => None,
             },
+            unverified: r.get::<_, i64>(12).map_err(err)? != 0,
         });
     }
     let count: i64 = conn

@@ -540,7 +540,7 @@ impl DurableStore {
             record_drops: true,
         });
         let local = Local::new(core, OwnedRoots::new(&roots)?, b.clock);
-        let restored = restore(&local.core, &snap, &mut report)?;
+        let restored = restore(&local.core, &snap, &blobs, &mut report)?;
 
         let placement = Placement::choose(&blobs, &incoming);
         let journal = Arc::new(SqliteJournal::start(conn, index_path, snap.max_seq)?);
@@ -1051,7 +1051,7 @@ impl DurableStore {
                 None
             };
             let sync = move || -> Result<()> {
-                ours.map_or_else(|| File::open(&file), Ok)
+                ours.map_or_else(|| open_managed(&file), Ok)
                     .and_then(|f| f.sync_all())
                     .map_err(|e| Error::io(format!("syncing {}", file.display()), e))?;
                 if sync_dir_too {
@@ -1222,18 +1222,37 @@ impl Hashing {
     }
 }
 
-/// The SHA-256 of a file's bytes, if it can be read.
-fn file_digest(path: &Path) -> Option<[u8; 32]> {
-    let mut f = File::open(path).ok()?;
+/// Opens a managed file for reading: never through a symlink, and without
+/// blocking on a FIFO planted in its place.
+fn open_managed(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(f)
+}
+
+/// The SHA-256 of the regular file at `path` (a managed file: never
+/// through a symlink, and never a FIFO or device, which could block or
+/// never end). Anything else is `InvalidInput`.
+fn file_digest(path: &Path) -> io::Result<[u8; 32]> {
+    let mut f = open_managed(path)?;
     let mut hasher = Sha256::new();
-    io::copy(&mut f, &mut hasher).ok()?;
-    Some(hasher.finalize().into())
+    io::copy(&mut f, &mut hasher)?;
+    Ok(hasher.finalize().into())
 }
 
 /// True when the file's SHA-256 is its name.
 fn digest_matches(path: &Path) -> bool {
     let name = path.file_name().and_then(|n| n.to_str());
-    file_digest(path).is_some_and(|d| Some(hex(&d).as_str()) == name)
+    file_digest(path).is_ok_and(|d| Some(hex(&d).as_str()) == name)
 }
 
 fn remove_stray(path: &Path, report: &mut OrphanReport) {
@@ -1266,25 +1285,50 @@ struct Restored {
 }
 
 /// Loads the index snapshot into a fresh core.
-fn restore(core: &Core, snap: &index::Snapshot, report: &mut OpenReport) -> Result<Restored> {
+fn restore(
+    core: &Core,
+    snap: &index::Snapshot,
+    blobs: &Path,
+    report: &mut OpenReport,
+) -> Result<Restored> {
     let mut restored = Restored::default();
     for (scope, expiry) in &snap.expiry {
         core.set_scope_expiry(scope, *expiry)?;
     }
     let refs = &snap.refs;
+    // A managed file lives at `blobs/<aa>/<digest>` wherever the data dir
+    // is now: a data dir that was moved, copied back from a backup or
+    // mounted elsewhere keeps its managed refs.
+    let managed: Vec<Option<PathBuf>> = refs
+        .rows
+        .iter()
+        .map(|row| {
+            row.sha256.map(|d| {
+                let name = hex(&d);
+                blobs.join(&name[..2]).join(name)
+            })
+        })
+        .collect();
+    let path_of = |i: usize| {
+        managed[i]
+            .as_deref()
+            .unwrap_or_else(|| refs.path(&refs.rows[i]))
+    };
     // Stat each distinct path once; many refs usually share a file.
     // foldhash, not SipHash: a million lookups of long paths at open.
     let mut keys: hashbrown::HashMap<&Path, Option<FileKey>> = hashbrown::HashMap::new();
     let mut files = Vec::with_capacity(refs.len());
     for (i, row) in refs.rows.iter().enumerate() {
-        let path = refs.path(row);
+        let path = path_of(i);
         let fresh = *keys
             .entry(path)
             .or_insert_with(|| fs::metadata(path).ok().map(|m| fsops::file_key(&m)));
         // Same inode and birth time: the same file (the device number may
-        // change across reboots on some file systems).
+        // change across reboots on some file systems). A managed file is
+        // named by its bytes, so whatever file has its name is it.
         files.push(match fresh {
             Some(k) if k.ino == row.file.ino && k.born == row.file.born => k,
+            Some(k) if row.sha256.is_some() => k,
             _ => {
                 report.vanished.push((refs.id(i), path.to_path_buf()));
                 row.file
@@ -1297,11 +1341,21 @@ fn restore(core: &Core, snap: &index::Snapshot, report: &mut OpenReport) -> Resu
     // file may hold anything. Such refs are still marked unverified.
     let mut torn: HashMap<usize, Vec<Arc<str>>> = HashMap::new();
     for (i, row) in refs.rows.iter().enumerate() {
-        if let Some(want) = row.verify {
-            if file_digest(refs.path(row)) == Some(want) {
-                restored.verified.push(refs.id(i));
-            } else {
-                torn.insert(i, Vec::new());
+        if let (Some(want), true) = (row.sha256, row.unverified) {
+            // Only bytes that differ (or a name that never became durable)
+            // mean torn; an error reading them proves nothing, and dropping
+            // an acknowledged ref on a transient error would lose it.
+            match file_digest(path_of(i)) {
+                Ok(got) if got == want => restored.verified.push(refs.id(i)),
+                Ok(_) => {
+                    torn.insert(i, Vec::new());
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    torn.insert(i, Vec::new());
+                }
+                Err(e) => {
+                    return Err(Error::io(format!("verifying {}", path_of(i).display()), e));
+                }
             }
         }
     }
@@ -1373,7 +1427,7 @@ fn restore(core: &Core, snap: &index::Snapshot, report: &mut OpenReport) -> Resu
                         id,
                         ticket: core.deletion_ticket(),
                         file: files[i],
-                        path: refs.path(row),
+                        path: path_of(i),
                         size: row.size,
                         meta: &meta,
                         policy: row.policy,
