@@ -75,6 +75,10 @@ pub(crate) trait Journal: Send + Sync + 'static {
     /// Queues a change; returns its sequence number. Called with the
     /// engine's order lock held, so the journal sees changes in core order.
     fn push(&self, op: Op) -> Result<u64>;
+
+    /// Fails when the journal takes no more changes (closing, or a commit
+    /// failed), so the engine can refuse a change before making it.
+    fn check(&self) -> Result<()>;
 }
 
 /// A tally of deletions, shared by releases and sweeps.
@@ -131,6 +135,9 @@ impl Local {
             return change().map(|value| Pending { value, seq: 0 });
         };
         let _order = order.lock();
+        // A journal that cannot record the change must not see the core
+        // make it: memory and disk would disagree.
+        journal.check()?;
         let mut value = change()?;
         let seq = match record(&mut value) {
             Some(op) => journal.push(op)?,
@@ -252,9 +259,8 @@ impl Local {
     }
 
     /// One sweep batch of at most [`SWEEP_BATCH`] holds.
-    pub fn expire_batch(&self, now: Timestamp) -> Pending<Dropped> {
+    pub fn expire_batch(&self, now: Timestamp) -> Result<Pending<Dropped>> {
         self.apply(|| Ok(self.core.expire(now, SWEEP_BATCH)), drop_op)
-            .expect("expiring cannot fail before journaling")
     }
 
     /// Queues a change that needs no waiting (a deletion's completion).

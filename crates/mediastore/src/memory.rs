@@ -120,8 +120,9 @@ impl MemoryStore {
             ..SweepReport::default()
         };
         local.delete_all(retries, &mut tally);
-        loop {
-            let dropped = local.expire_batch(now).value;
+        // Without a journal nothing can refuse a batch.
+        while let Ok(batch) = local.expire_batch(now) {
+            let dropped = batch.value;
             Local::count_batch(&mut report, &dropped);
             let more = dropped.more;
             local.delete_all(dropped.deletions, &mut tally);

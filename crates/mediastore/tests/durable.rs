@@ -711,3 +711,101 @@ fn a_data_dir_copied_elsewhere_keeps_its_managed_refs() {
     assert_eq!(r.files_deleted, 1);
     assert!(!path.exists());
 }
+
+#[test]
+fn a_cancelled_release_neither_wedges_its_files_nor_loses_their_deletion() {
+    let d = dirs();
+    let clock = ManualClock::new(epoch());
+    let store = builder(&d, &clock).open().unwrap();
+    let a = d.owned.join("a.jpg");
+    let b = d.owned.join("b.jpg");
+    fs::write(&a, b"a").unwrap();
+    fs::write(&b, b"b").unwrap();
+    block_on(async {
+        store.store(&a, &meta("a"), "s").await.unwrap();
+        store.store(&b, &meta("b"), "t").await.unwrap();
+        // Both releases are given up while they wait for their commit.
+        for scope in ["s", "t"] {
+            use std::future::Future;
+            use std::task::{Context, Waker};
+            let mut release = std::pin::pin!(store.release_all(scope));
+            let polled = release
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()));
+            assert!(
+                polled.is_pending(),
+                "the release had to wait for its commit"
+            );
+        }
+        // a is registered again: usable, not "being deleted".
+        store.store(&a, &meta("a"), "again").await.unwrap();
+        // b's deletion is retried by the next sweep, once durable.
+        let swept = store.clean_expired().await.unwrap();
+        assert_eq!(swept.retried, 1);
+        assert_eq!(swept.files_deleted, 1);
+    });
+    assert!(a.exists());
+    assert!(!b.exists());
+    store.core().check_invariants().unwrap();
+}
+
+#[test]
+fn a_cancelled_put_gives_its_quota_reservation_back() {
+    let d = dirs();
+    let quotas = Quotas {
+        max_object_bytes: None,
+        max_scope_bytes: Some(100),
+        max_total_bytes: None,
+    };
+    let store = builder(&d, &ManualClock::new(epoch()))
+        .quotas(quotas)
+        .open()
+        .unwrap();
+    // On a current-thread runtime the put's fsync runs on the blocking
+    // pool, so its first poll returns while that sync is in flight.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        {
+            use std::future::Future;
+            use std::task::{Context, Waker};
+            let (body, m, lim) = ([1u8; 60], meta("x"), PutLimits::default());
+            let mut put = std::pin::pin!(store.put(&body[..], &m, "s", &lim));
+            let polled = put.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+            assert!(polled.is_pending(), "the put had to wait for its commit");
+        }
+        store.release_all("s").await.unwrap();
+        store
+            .put(&[2u8; 50][..], &meta("y"), "s", &PutLimits::default())
+            .await
+            .expect("the cancelled put's 60 bytes are no longer reserved");
+    });
+}
+
+#[test]
+fn a_closed_store_refuses_changes_without_making_them() {
+    let d = dirs();
+    let clock = ManualClock::new(epoch());
+    let store = builder(&d, &clock)
+        .max_age(Duration::from_secs(1))
+        .open()
+        .unwrap();
+    let p = d.owned.join("a.jpg");
+    fs::write(&p, b"a").unwrap();
+    let r = block_on(store.store(&p, &meta("a"), "s")).unwrap();
+    store.close().unwrap();
+    clock.advance(Duration::from_secs(5));
+    block_on(async {
+        assert!(
+            store.clean_expired().await.is_err(),
+            "a sweep needs the journal"
+        );
+        assert!(store.retain(r, "t").await.is_err());
+        assert!(store.release_all("s").await.is_err());
+        // Refused before the core changed: the ref and its hold are intact.
+        assert_eq!(store.scopes_of(r).await.unwrap(), vec!["s"]);
+    });
+    assert!(p.exists());
+}

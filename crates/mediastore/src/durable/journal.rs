@@ -127,6 +127,12 @@ impl SqliteJournal {
         })
     }
 
+    /// Waits until every change queued so far is durable.
+    pub async fn wait_all(&self) -> Result<()> {
+        let last = self.shared.queue.lock().last;
+        self.wait(last).await
+    }
+
     /// Waits, blocking the thread, until everything queued is durable.
     pub fn flush_blocking(&self) -> Result<()> {
         let last = {
@@ -196,6 +202,20 @@ fn failed_error((kind, why): &Failure) -> Error {
 }
 
 impl Journal for SqliteJournal {
+    fn check(&self) -> Result<()> {
+        let q = self.shared.queue.lock();
+        if let Some(f) = &q.failed {
+            return Err(failed_error(f));
+        }
+        if q.closing {
+            return Err(Error::io(
+                "journal",
+                std::io::Error::other("the store is closing"),
+            ));
+        }
+        Ok(())
+    }
+
     fn push(&self, op: Op) -> Result<u64> {
         let mut q = self.shared.queue.lock();
         if let Some(f) = &q.failed {
@@ -243,7 +263,25 @@ impl Drop for SqliteJournal {
 /// committed on their own.
 const NOTE_DELAY: Duration = Duration::from_millis(200);
 
+/// Publishes a failure if the writer unwinds, so no caller waits forever
+/// for a commit that will not come.
+struct WriterGone<'a>(&'a Shared);
+
+impl Drop for WriterGone<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let why: Failure = (
+                std::io::ErrorKind::Other,
+                "the journal writer panicked".into(),
+            );
+            self.0.queue.lock().failed = Some(why.clone());
+            self.0.committed.send_modify(|c| c.failed = Some(why));
+        }
+    }
+}
+
 fn write_loop(mut conn: Connection, shared: &Shared, stats: &Mutex<JournalStats>) -> Connection {
+    let _gone = WriterGone(shared);
     let mut batch = Vec::new();
     // How long the last `COMMIT` took (the log sync, mostly) and how many
     // awaited changes it carried.

@@ -929,7 +929,7 @@ impl DurableStore {
         let mut size: u64 = 0;
         let mut buf = vec![0u8; CHUNK];
         let mut unsynced = 0u64;
-        let mut early_sync: Option<tokio::task::JoinHandle<()>> = None;
+        let mut early_sync: Option<tokio::task::JoinHandle<io::Result<()>>> = None;
         loop {
             let n = reader
                 .read(&mut buf)
@@ -965,15 +965,20 @@ impl DurableStore {
             unsynced += n as u64;
             if unsynced >= WRITEBACK_EVERY && early_sync.as_ref().is_none_or(|t| t.is_finished()) {
                 unsynced = 0;
-                if let Ok(clone) = file.try_clone() {
-                    early_sync = Some(tokio::task::spawn_blocking(move || {
-                        let _ = clone.sync_data();
-                    }));
+                // The kernel reports a writeback error once per open file:
+                // an error a background sync saw must fail the put, or
+                // the final sync would find nothing wrong.
+                if let Some(done) = early_sync.take() {
+                    background_synced(done.await)?;
                 }
+                let clone = file
+                    .try_clone()
+                    .map_err(|e| Error::io("syncing an ingest temp file", e))?;
+                early_sync = Some(tokio::task::spawn_blocking(move || clone.sync_data()));
             }
         }
-        if let Some(t) = early_sync {
-            let _ = t.await;
+        if let Some(done) = early_sync {
+            background_synced(done.await)?;
         }
         let digest = hashing.finish().await?;
         let sha = hex(&digest);
@@ -987,10 +992,17 @@ impl DurableStore {
 
         let new_blob = fs::symlink_metadata(&target).is_err();
         self.reserve(scope, size, new_blob, limits)?;
+        // Released however this ends, a cancelled put included.
+        let reserved = Reserved {
+            store: self,
+            scope,
+            size,
+            new_blob,
+        };
         let result = self
             .place_and_register(&staged, &shard_dir, &target, &stored_meta, scope, &digest)
             .await;
-        self.unreserve(scope, size, new_blob);
+        drop(reserved);
         let (media_ref, created) = result?;
         if created {
             self.managed_bytes.fetch_add(size, Ordering::Relaxed);
@@ -1095,8 +1107,18 @@ impl DurableStore {
         ))
     }
 
+    /// Waits until the change that dropped these holds is durable, then
+    /// hands back the files it made due for deletion. If the wait fails or
+    /// the caller is cancelled first, the files are handed back to the
+    /// core as failed deletions, which a later sweep retries once the
+    /// journal has caught up.
     async fn drop_and_delete(&self, dropped: Dropped, seq: u64) -> Result<Dropped> {
+        let mut due = DueDeletions {
+            core: &self.local.core,
+            dropped: Some(dropped),
+        };
         self.journal.wait(seq).await?;
+        let dropped = due.dropped.take().expect("taken once");
         let managed: u64 = dropped
             .deletions
             .iter()
@@ -1106,6 +1128,44 @@ impl DurableStore {
         self.managed_bytes
             .fetch_sub(managed.min(self.managed_bytes()), Ordering::Relaxed);
         Ok(dropped)
+    }
+}
+
+/// The result of a background sync of an upload.
+fn background_synced(r: std::result::Result<io::Result<()>, tokio::task::JoinError>) -> Result<()> {
+    r.map_err(|e| Error::io("syncing an ingest temp file", io::Error::other(e)))?
+        .map_err(|e| Error::io("syncing an ingest temp file", e))
+}
+
+/// A put's quota reservation, given back on drop.
+struct Reserved<'a> {
+    store: &'a DurableStore,
+    scope: &'a str,
+    size: u64,
+    new_blob: bool,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        self.store.unreserve(self.scope, self.size, self.new_blob);
+    }
+}
+
+/// Deletions not yet handed to the engine; see
+/// [`DurableStore::drop_and_delete`].
+struct DueDeletions<'a> {
+    core: &'a Core,
+    dropped: Option<Dropped>,
+}
+
+impl Drop for DueDeletions<'_> {
+    fn drop(&mut self) {
+        if let Some(dropped) = self.dropped.take() {
+            for d in dropped.deletions {
+                self.core
+                    .finish_deletion(d.file, mediastore_core::DeleteOutcome::Failed);
+            }
+        }
     }
 }
 
@@ -1448,10 +1508,19 @@ fn restore(
         Ok(())
     };
     let replay = |part: usize| -> Result<()> {
-        let result = replay_part(part);
-        if result.is_err() {
-            failed.store(true, Ordering::Release);
+        // Marks the restore failed unless disarmed: on an error and on a
+        // panic alike, no other thread keeps waiting.
+        struct Failing<'a>(&'a std::sync::atomic::AtomicBool, bool);
+        impl Drop for Failing<'_> {
+            fn drop(&mut self) {
+                if !self.1 {
+                    self.0.store(true, Ordering::Release);
+                }
+            }
         }
+        let mut guard = Failing(&failed, false);
+        let result = replay_part(part);
+        guard.1 = result.is_ok();
         result
     };
     std::thread::scope(|s| {
@@ -1536,6 +1605,9 @@ impl MediaStore for DurableStore {
         let local = &self.local;
         let now = local.now();
         let mut tally = Tally::default();
+        // A failed deletion may come from a release whose commit was still
+        // pending when its caller gave up: retry only once it is durable.
+        self.journal.wait_all().await?;
         let retries = local.core.retry_deletions();
         let mut report = SweepReport {
             retried: retries.len() as u64,
@@ -1543,7 +1615,7 @@ impl MediaStore for DurableStore {
         };
         local.delete_all(retries, &mut tally);
         loop {
-            let p = local.expire_batch(now);
+            let p = local.expire_batch(now)?;
             let dropped = self.drop_and_delete(p.value, p.seq).await?;
             Local::count_batch(&mut report, &dropped);
             let more = dropped.more;
