@@ -1,12 +1,16 @@
-//! One media lifecycle, step by step: a photo arrives in a chat message, the
-//! agent resolves it, the session keeps it after the message is done, and it
-//! expires when the session goes quiet.
+//! One media lifecycle, step by step, on the embedded default engine
+//! (`DurableStore`): a photo arrives in a chat message, the agent resolves
+//! it, the session keeps it, the gateway restarts, the message is done, and
+//! the photo expires when the session goes quiet.
 //!
 //! Run with `cargo run -p mediastore --example lifecycle`.
 
 use std::time::Duration;
 
-use mediastore::{Clock, Expiry, ManualClock, MediaMeta, MediaStore, MemoryStore, SystemClock};
+use mediastore::{
+    Clock, DurableStore, DurableStoreBuilder, Expiry, ManualClock, MediaMeta, MediaStore,
+    SystemClock,
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     tokio::runtime::Builder::new_current_thread()
@@ -20,15 +24,21 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let photo = downloads.path().join("AgACAgIAAxk.jpg");
     std::fs::write(&photo, b"\xff\xd8\xff\xe0 a tiny jpeg")?;
 
+    // The store's data dir (index and managed files); a temp dir here,
+    // `./mediastore-data` by default.
+    let data = tempfile::tempdir()?;
     // A clock we can move, so the example does not have to wait 7 days.
     let clock = ManualClock::new(SystemClock.now());
-    let store = MemoryStore::builder()
-        .owned_root(downloads.path())
-        .max_age(Duration::from_secs(30 * 60))
-        .scope_rule("session:", Expiry::After(Duration::from_secs(7 * 86400)))
-        .clock(clock.clone())
-        .build()?;
-    println!("store: owned root {}", downloads.path().display());
+    let config = || -> DurableStoreBuilder {
+        DurableStore::builder(data.path())
+            .owned_root(downloads.path())
+            .max_age(Duration::from_secs(30 * 60))
+            .scope_rule("session:", Expiry::After(Duration::from_secs(7 * 86400)))
+            .clock(clock.clone())
+    };
+    let store = config().open()?;
+    println!("store: data dir {}", data.path().display());
+    println!("       owned root {}", downloads.path().display());
     println!("       default max age 30m, session:* scopes 7d");
 
     let message = "telegram:123:456";
@@ -55,8 +65,20 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     println!("\n3. retain   {r} into {session}");
     println!("   → held by {:?}", store.scopes_of(r).await?);
 
+    drop(store);
+    let store = config().open()?;
+    let restored = store.open_report();
+    println!("\n4. restart  (the gateway was redeployed)");
+    println!(
+        "   → restored {} ref(s) and {} hold(s) in {} ms; {r} is held by {:?}",
+        restored.refs,
+        restored.holds,
+        restored.took_ms,
+        store.scopes_of(r).await?
+    );
+
     let report = store.release_all(message).await?;
-    println!("\n4. release  {message}");
+    println!("\n5. release  {message}");
     println!(
         "   → released {} ref(s), removed {}, deleted {} file(s); the file is still there: {}",
         report.refs_released,
@@ -67,7 +89,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     clock.advance(Duration::from_secs(3 * 86400));
     let report = store.clean_expired().await?;
-    println!("\n5. 3 days later, sweep");
+    println!("\n6. 3 days later, sweep");
     println!(
         "   → expired {} ref(s); the session still holds it: {}",
         report.refs_expired,
@@ -76,7 +98,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     clock.advance(Duration::from_secs(5 * 86400));
     let report = store.clean_expired().await?;
-    println!("\n6. 8 days after the last use, sweep");
+    println!("\n7. 8 days after the last use, sweep");
     println!(
         "   → expired {} ref(s), deleted {} file(s), freed {} bytes; file exists: {}",
         report.refs_expired,
