@@ -717,6 +717,14 @@ impl DurableStore {
                     Ok(()) => {
                         report.files_removed += 1;
                         report.bytes_freed += meta.len();
+                        // At open the total is counted after the sweep.
+                        if !at_open {
+                            let _ = self.managed_bytes.fetch_update(
+                                Ordering::Relaxed,
+                                Ordering::Relaxed,
+                                |v| Some(v.saturating_sub(meta.len())),
+                            );
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(path = %path.display(), error = %e, "could not remove orphan")
@@ -1125,8 +1133,11 @@ impl DurableStore {
             .filter(|d| d.paths.iter().any(|p| p.starts_with(&self.blobs)))
             .map(|d| d.size)
             .sum();
-        self.managed_bytes
-            .fetch_sub(managed.min(self.managed_bytes()), Ordering::Relaxed);
+        let _ = self
+            .managed_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(managed))
+            });
         Ok(dropped)
     }
 }
