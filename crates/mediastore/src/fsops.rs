@@ -63,6 +63,23 @@ pub fn stat_for_store(path: &Path) -> Result<Statted> {
     })
 }
 
+/// The identity of a file from a `statx` that asked for its birth time, as
+/// [`file_key`] computes it from std's metadata.
+pub fn statx_key(st: &rustix::fs::Statx) -> FileKey {
+    let born = if st.stx_mask & StatxFlags::BTIME.bits() != 0 && st.stx_btime.tv_sec >= 0 {
+        (st.stx_btime.tv_sec as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(st.stx_btime.tv_nsec))
+    } else {
+        0
+    };
+    FileKey {
+        dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
+        ino: st.stx_ino,
+        born,
+    }
+}
+
 /// The directories under which the store may delete files.
 ///
 /// Checked twice: at registration (to refuse `delete_on_cleanup` outside them
@@ -268,18 +285,7 @@ impl OwnedRoots {
         if u32::from(st.stx_mode) & 0o170000 == 0o120000 {
             return None;
         }
-        let born = if st.stx_mask & StatxFlags::BTIME.bits() != 0 && st.stx_btime.tv_sec >= 0 {
-            (st.stx_btime.tv_sec as u64)
-                .saturating_mul(1_000_000_000)
-                .saturating_add(u64::from(st.stx_btime.tv_nsec))
-        } else {
-            0
-        };
-        let key = FileKey {
-            dev: rustix::fs::makedev(st.stx_dev_major, st.stx_dev_minor),
-            ino: st.stx_ino,
-            born,
-        };
+        let key = statx_key(&st);
         if key != want {
             tracing::info!(path = %spelling.display(), "file was replaced since registration; left in place");
             return Some(Unlink::NotThere);

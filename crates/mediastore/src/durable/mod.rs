@@ -14,6 +14,7 @@
 mod index;
 mod ingest;
 mod journal;
+mod sweep;
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -21,7 +22,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use mediastore_core::{
     CleanupPolicy, Core, CoreConfig, Deletion, Dropped, Error, Expiry, FileKey, FileStatus,
@@ -640,89 +641,76 @@ impl DurableStore {
 
     /// The sweep; the caller holds `ingest` exclusively (or is opening).
     fn sweep_orphans_locked(&self, grace: Duration, at_open: bool) -> Result<OrphanReport> {
+        use rustix::fs::FileType;
         let mut report = OrphanReport::default();
-        let now = SystemTime::now();
-        let read = |dir: &Path| {
-            fs::read_dir(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))
-        };
-        for shard in read(&self.blobs)? {
-            let shard = shard.map_err(|e| Error::io("reading the managed dir", e))?;
-            if shard.file_name() == INCOMING {
+        let root = sweep::open_root(&self.blobs)?;
+        for shard in sweep::entries(&root, "the managed dir")? {
+            if shard.name() == Path::new(INCOMING) {
                 continue;
             }
-            let shard_path = shard.path();
-            let kind = shard
-                .file_type()
-                .map_err(|e| Error::io(format!("checking {}", shard_path.display()), e))?;
-            if !kind.is_dir() {
+            if shard.kind != FileType::Directory {
                 // Only our two-level layout belongs here; a planted symlink
                 // is removed itself, never followed.
-                remove_stray(&shard_path, &mut report);
+                stray(&root, &shard, &self.blobs, &mut report);
                 continue;
             }
-            for entry in read(&shard_path)? {
-                let entry = entry.map_err(|e| Error::io("reading the managed dir", e))?;
-                let path = entry.path();
-                let Ok(meta) = fs::symlink_metadata(&path) else {
-                    continue;
-                };
-                if !meta.is_file() {
-                    if meta.is_dir() {
-                        tracing::warn!(path = %path.display(), "unexpected directory in the managed dir; left alone");
-                    } else {
-                        remove_stray(&path, &mut report);
-                    }
+            let dir = match sweep::open_dir(&root, shard.name.as_c_str()) {
+                Ok(dir) => dir,
+                Err(e) => {
+                    tracing::warn!(dir = %shard.name().display(), error = %e, "cannot sweep a shard dir");
                     continue;
                 }
-                if self
-                    .local
-                    .core
-                    .file_status(fsops::file_key(&meta))
-                    .is_some()
-                {
+            };
+            let where_ = self.blobs.join(shard.name());
+            for entry in sweep::entries(&dir, "a shard dir")? {
+                let path = where_.join(entry.name());
+                if entry.kind == FileType::Directory {
+                    tracing::warn!(path = %path.display(), "unexpected directory in the managed dir; left alone");
                     continue;
                 }
-                let age = meta
-                    .modified()
-                    .ok()
-                    .and_then(|m| now.duration_since(m).ok())
-                    .unwrap_or_default();
+                if entry.kind != FileType::RegularFile {
+                    stray(&dir, &entry, &where_, &mut report);
+                    continue;
+                }
+                if self.local.core.file_status(entry.key).is_some() {
+                    continue;
+                }
                 let is_temp = entry
-                    .file_name()
+                    .name()
                     .to_str()
                     .is_some_and(|n| n.starts_with(TEMP_PREFIX));
                 if is_temp {
                     // An upload being written, or one a crash interrupted:
                     // at open (`at_open`) none can be in flight.
-                    if !at_open && age < grace {
-                        continue;
-                    }
-                    if fs::remove_file(&path).is_ok() {
+                    if (at_open || entry.age >= grace) && sweep::remove(&dir, &entry.name).is_ok() {
                         report.temp_files_removed += 1;
                     }
                     continue;
                 }
-                if age < grace {
+                if entry.age < grace {
                     // A crash between placing a file and syncing it can
                     // leave its name with other bytes; identical content
                     // put later would be deduplicated onto it. Young
                     // orphans are kept only if their bytes match their name.
-                    if digest_matches(&path) {
+                    let matches = sweep::open_file(&dir, &entry.name)
+                        .and_then(digest_of)
+                        .is_ok_and(|d| entry.name().to_str() == Some(hex(&d).as_str()));
+                    if matches {
                         report.kept_young += 1;
                         continue;
                     }
                     report.torn_removed += 1;
                 }
-                match fs::remove_file(&path) {
+                match sweep::remove(&dir, &entry.name) {
                     Ok(()) => {
                         report.files_removed += 1;
-                        report.bytes_freed += meta.len();
+                        report.bytes_freed += entry.size;
                         // At open the total is counted after the sweep.
                         if !at_open {
                             let _ = self.managed_bytes.fetch_update(
                                 Ordering::Relaxed,
                                 Ordering::Relaxed,
-                                |v| Some(v.saturating_sub(meta.len())),
+                                |v| Some(v.saturating_sub(entry.size)),
                             );
                         }
                     }
@@ -1314,32 +1302,38 @@ fn open_managed(path: &Path) -> io::Result<File> {
 /// through a symlink, and never a FIFO or device, which could block or
 /// never end). Anything else is `InvalidInput`.
 fn file_digest(path: &Path) -> io::Result<[u8; 32]> {
-    let mut f = open_managed(path)?;
+    digest_of(open_managed(path)?)
+}
+
+/// The SHA-256 of everything left to read in `f`.
+fn digest_of(mut f: File) -> io::Result<[u8; 32]> {
     let mut hasher = Sha256::new();
     io::copy(&mut f, &mut hasher)?;
     Ok(hasher.finalize().into())
 }
 
-/// True when the file's SHA-256 is its name.
-fn digest_matches(path: &Path) -> bool {
-    let name = path.file_name().and_then(|n| n.to_str());
-    file_digest(path).is_ok_and(|d| Some(hex(&d).as_str()) == name)
-}
-
-fn remove_stray(path: &Path, report: &mut OrphanReport) {
+/// Removes a non-file (a symlink, a FIFO, ...) found in the managed dir;
+/// it is never followed.
+fn stray(
+    dir: &std::os::fd::OwnedFd,
+    entry: &sweep::Entry,
+    where_: &Path,
+    report: &mut OrphanReport,
+) {
+    let path = where_.join(entry.name());
     tracing::warn!(path = %path.display(), "removing a non-file from the managed dir");
-    if fs::remove_file(path).is_ok() {
+    if sweep::remove(dir, &entry.name).is_ok() {
         report.strays_removed += 1;
     }
 }
 
+/// Removes every entry of the ingest dir (at open: no upload is in flight).
 fn clear_incoming(dir: &Path) -> Result<u64> {
+    let fd = sweep::open_root(dir)?;
     let mut removed = 0;
-    for entry in
-        fs::read_dir(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
-    {
-        let entry = entry.map_err(|e| Error::io("reading the ingest dir", e))?;
-        if fs::remove_file(entry.path()).is_ok() {
+    for entry in sweep::entries(&fd, "the ingest dir")? {
+        if entry.kind != rustix::fs::FileType::Directory && sweep::remove(&fd, &entry.name).is_ok()
+        {
             removed += 1;
         }
     }
