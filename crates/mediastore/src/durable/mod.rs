@@ -1083,8 +1083,18 @@ impl DurableStore {
                         })?,
                     };
                     let commit = self.journal.wait(pending.seq).await;
+                    if let Err(e) = synced {
+                        // The bytes may not be on disk. Take the name away
+                        // so no later put shares them; the ref, never
+                        // acknowledged and never verified, then resolves to
+                        // nothing and is dropped by the next open.
+                        if created {
+                            let _ = fs::remove_file(target);
+                        }
+                        drop(shared);
+                        return Err(e);
+                    }
                     drop(shared);
-                    synced?;
                     commit?;
                     self.note(Op::Verified { id: pending.value });
                     return Ok((pending.value, created));
