@@ -63,6 +63,20 @@ pub fn stat_for_store(path: &Path) -> Result<Statted> {
     })
 }
 
+/// `statx` of the entry `name` of `dir` itself (a symlink is not followed),
+/// with what [`statx_key`] needs.
+pub fn statx_at(
+    dir: impl AsFd,
+    name: impl rustix::path::Arg,
+) -> rustix::io::Result<rustix::fs::Statx> {
+    rustix::fs::statx(
+        dir,
+        name,
+        AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::BASIC_STATS | StatxFlags::BTIME,
+    )
+}
+
 /// The identity of a file from a `statx` that asked for its birth time, as
 /// [`file_key`] computes it from std's metadata.
 pub fn statx_key(st: &rustix::fs::Statx) -> FileKey {
@@ -271,12 +285,7 @@ impl OwnedRoots {
                 }
             }
         };
-        let st = match rustix::fs::statx(
-            dir,
-            name,
-            AtFlags::SYMLINK_NOFOLLOW,
-            StatxFlags::BASIC_STATS | StatxFlags::BTIME,
-        ) {
+        let st = match statx_at(dir, name) {
             Ok(st) => st,
             Err(Errno::NOENT) => return Some(Unlink::NotThere),
             Err(Errno::NOSYS) => return None,

@@ -263,12 +263,13 @@ impl Local {
         self.apply(|| Ok(self.core.expire(now, SWEEP_BATCH)), drop_op)
     }
 
-    /// Queues a change that needs no waiting (a deletion's completion).
-    fn note(&self, op: Op) {
+    /// Queues a note: a change nobody waits for (a deletion finished, bytes
+    /// verified), redone on the next open if it is lost.
+    pub fn note(&self, op: Op) {
         if let Some((journal, order)) = &self.journal {
             let _order = order.lock();
             if let Err(e) = journal.push(op) {
-                tracing::warn!(error = %e, "could not journal a finished deletion; it is redone on open");
+                tracing::warn!(error = %e, "could not journal a note; it is redone on the next open");
             }
         }
     }

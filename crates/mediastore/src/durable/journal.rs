@@ -42,6 +42,17 @@ struct Queue {
     failed: Option<Failure>,
 }
 
+impl Queue {
+    /// Why no change can be queued now, if it cannot.
+    fn refusal(&self) -> Option<Error> {
+        if let Some(f) = &self.failed {
+            return Some(failed_error(f));
+        }
+        self.closing
+            .then(|| Error::io("journal", std::io::Error::other("the store is closing")))
+    }
+}
+
 struct Shared {
     queue: Mutex<Queue>,
     wake: Condvar,
@@ -55,7 +66,9 @@ pub struct JournalStats {
     pub commits: u64,
     /// Changes committed.
     pub changes: u64,
-    /// Time spent applying changes to the index, in nanoseconds.
+    /// Time from a transaction's first change to its `COMMIT`, in
+    /// nanoseconds: applying changes, and waiting for the rest of a cohort
+    /// of callers (see the writer's linger).
     pub apply_nanos: u64,
     /// Time spent in `COMMIT` (writing and syncing the log), in nanoseconds.
     pub commit_nanos: u64,
@@ -203,29 +216,13 @@ fn failed_error((kind, why): &Failure) -> Error {
 
 impl Journal for SqliteJournal {
     fn check(&self) -> Result<()> {
-        let q = self.shared.queue.lock();
-        if let Some(f) = &q.failed {
-            return Err(failed_error(f));
-        }
-        if q.closing {
-            return Err(Error::io(
-                "journal",
-                std::io::Error::other("the store is closing"),
-            ));
-        }
-        Ok(())
+        self.shared.queue.lock().refusal().map_or(Ok(()), Err)
     }
 
     fn push(&self, op: Op) -> Result<u64> {
         let mut q = self.shared.queue.lock();
-        if let Some(f) = &q.failed {
-            return Err(failed_error(f));
-        }
-        if q.closing {
-            return Err(Error::io(
-                "journal",
-                std::io::Error::other("the store is closing"),
-            ));
+        if let Some(refused) = q.refusal() {
+            return Err(refused);
         }
         // Notes (a deletion done, bytes verified) wait for the next commit
         // instead of causing one; nothing waits on them, and a note lost in

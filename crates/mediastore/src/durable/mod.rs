@@ -254,6 +254,48 @@ pub struct DurableStore {
     _lock: File,
 }
 
+/// A limit on the size of a put.
+enum Limit {
+    /// The largest object accepted.
+    Object(u64),
+    /// A quota: its limit and what is in use.
+    Quota {
+        quota: &'static str,
+        limit: u64,
+        used: u64,
+    },
+}
+
+impl Limit {
+    /// Bytes an object may have under this limit.
+    fn left(&self) -> u64 {
+        match *self {
+            Limit::Object(limit) => limit,
+            Limit::Quota { limit, used, .. } => limit.saturating_sub(used),
+        }
+    }
+
+    fn fits(&self, size: u64) -> bool {
+        match *self {
+            Limit::Object(limit) => size <= limit,
+            Limit::Quota { limit, used, .. } => used.saturating_add(size) <= limit,
+        }
+    }
+
+    /// The error for an object of `wanted` bytes that does not fit.
+    fn exceeded(&self, wanted: u64) -> Error {
+        match *self {
+            Limit::Object(limit) => Error::TooLarge { limit },
+            Limit::Quota { quota, limit, used } => Error::QuotaExceeded {
+                quota,
+                limit,
+                used,
+                wanted,
+            },
+        }
+    }
+}
+
 #[derive(Default)]
 struct Reservations {
     total: u64,
@@ -563,10 +605,10 @@ impl DurableStore {
         };
         let mut report = store.report.clone();
         for id in restored.verified {
-            store.note(Op::Verified { id });
+            store.local.note(Op::Verified { id });
         }
         for (id, scopes) in restored.forget {
-            store.note(Op::Forget { id, scopes });
+            store.local.note(Op::Forget { id, scopes });
         }
         report.deletions_completed = store.finish_pending(snap.pending);
         report.orphans = store.sweep_orphans_locked(store.orphan_grace, true)?;
@@ -692,7 +734,7 @@ impl DurableStore {
                     // leave its name with other bytes; identical content
                     // put later would be deduplicated onto it. Young
                     // orphans are kept only if their bytes match their name.
-                    let matches = sweep::open_file(&dir, &entry.name)
+                    let matches = sweep::open_file(&dir, entry.name.as_c_str())
                         .and_then(digest_of)
                         .is_ok_and(|d| entry.name().to_str() == Some(hex(&d).as_str()));
                     if matches {
@@ -751,7 +793,7 @@ impl DurableStore {
         for (file, paths) in pending {
             if self.local.core.file_status(file).is_some() {
                 // Registered again since: the file is live, not due.
-                self.note(Op::Deleted { file });
+                self.local.note(Op::Deleted { file });
                 continue;
             }
             let d = Deletion {
@@ -762,24 +804,17 @@ impl DurableStore {
             match fsops::delete_file(&d, &self.local.roots) {
                 Deleted::Done { files, .. } => {
                     done += files;
-                    self.note(Op::Deleted { file });
+                    self.local.note(Op::Deleted { file });
                 }
                 Deleted::Failed { path, error, retry } => {
                     tracing::warn!(path = %path.display(), %error, "could not finish a deletion due before the last shutdown");
                     if !retry {
-                        self.note(Op::Deleted { file });
+                        self.local.note(Op::Deleted { file });
                     }
                 }
             }
         }
         done
-    }
-
-    fn note(&self, op: Op) {
-        use crate::local::Journal;
-        if let Err(e) = self.journal.push(op) {
-            tracing::warn!(error = %e, "could not journal a note; it is redone on the next open");
-        }
     }
 
     /// Bytes held by `scope`'s refs.
@@ -794,83 +829,62 @@ impl DurableStore {
         Ok(total)
     }
 
-    /// The largest object a put into `scope` may write now, and the error
-    /// to give when a stream goes past it. Streams are cut off there; the
-    /// exact check is [`DurableStore::reserve`], once the size is known.
-    fn room(&self, scope: &str, limits: &PutLimits) -> Result<(u64, Error)> {
-        let mut room = u64::MAX;
-        let mut why = Error::TooLarge { limit: u64::MAX };
-        for limit in [limits.max_bytes, self.quotas.max_object_bytes]
+    /// Every limit a put into `scope` must fit, with usage counted as of
+    /// now plus other puts' reservations (`r`, held locked by the caller).
+    /// The total quota applies only to content not stored yet.
+    fn limits(
+        &self,
+        scope: &str,
+        r: &Reservations,
+        put: &PutLimits,
+        new_blob: bool,
+    ) -> Result<Vec<Limit>> {
+        let mut out: Vec<Limit> = [put.max_bytes, self.quotas.max_object_bytes]
             .into_iter()
             .flatten()
-        {
-            if limit < room {
-                (room, why) = (limit, Error::TooLarge { limit });
-            }
-        }
-        let reserved = self.reserved.lock();
-        if let Some(limit) = self.quotas.max_scope_bytes {
-            let used =
-                self.scope_bytes(scope)? + reserved.by_scope.get(scope).copied().unwrap_or(0);
-            if limit.saturating_sub(used) < room {
-                room = limit.saturating_sub(used);
-                why = Error::QuotaExceeded {
-                    quota: "scope",
-                    limit,
-                    used,
-                    wanted: 0,
-                };
-            }
-        }
-        if let Some(limit) = self.quotas.max_total_bytes {
-            let used = self.managed_bytes() + reserved.total;
-            if limit.saturating_sub(used) < room {
-                room = limit.saturating_sub(used);
-                why = Error::QuotaExceeded {
-                    quota: "total",
-                    limit,
-                    used,
-                    wanted: 0,
-                };
-            }
-        }
-        Ok((room, why))
-    }
-
-    /// Checks every limit for an object of `size` bytes against usage plus
-    /// the reservations of other puts in flight, and reserves it. Identical
-    /// content already stored (`new_blob` false) adds nothing to the total.
-    fn reserve(&self, scope: &str, size: u64, new_blob: bool, limits: &PutLimits) -> Result<()> {
-        for limit in [limits.max_bytes, self.quotas.max_object_bytes]
-            .into_iter()
-            .flatten()
-        {
-            if size > limit {
-                return Err(Error::TooLarge { limit });
-            }
-        }
-        let mut r = self.reserved.lock();
+            .map(Limit::Object)
+            .collect();
         if let Some(limit) = self.quotas.max_scope_bytes {
             let used = self.scope_bytes(scope)? + r.by_scope.get(scope).copied().unwrap_or(0);
-            if used + size > limit {
-                return Err(Error::QuotaExceeded {
-                    quota: "scope",
-                    limit,
-                    used,
-                    wanted: size,
-                });
-            }
+            out.push(Limit::Quota {
+                quota: "scope",
+                limit,
+                used,
+            });
         }
         if let (Some(limit), true) = (self.quotas.max_total_bytes, new_blob) {
             let used = self.managed_bytes() + r.total;
-            if used + size > limit {
-                return Err(Error::QuotaExceeded {
-                    quota: "total",
-                    limit,
-                    used,
-                    wanted: size,
-                });
-            }
+            out.push(Limit::Quota {
+                quota: "total",
+                limit,
+                used,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The tightest limit for a put into `scope` as things stand: streams
+    /// are cut off past it. The exact check is [`DurableStore::reserve`],
+    /// once the size (and whether the content is new) is known.
+    fn room(&self, scope: &str, put: &PutLimits) -> Result<Option<Limit>> {
+        let r = self.reserved.lock();
+        Ok(self
+            .limits(scope, &r, put, true)?
+            .into_iter()
+            .min_by_key(Limit::left))
+    }
+
+    /// Checks every limit for an object of `size` bytes and reserves it.
+    /// Identical content already stored (`new_blob` false) adds nothing to
+    /// the total.
+    fn reserve(&self, scope: &str, size: u64, new_blob: bool, put: &PutLimits) -> Result<()> {
+        let mut r = self.reserved.lock();
+        if let Some(over) = self
+            .limits(scope, &r, put, new_blob)?
+            .into_iter()
+            .find(|l| !l.fits(size))
+        {
+            return Err(over.exceeded(size));
         }
         *r.by_scope.entry(scope.to_string()).or_default() += size;
         if new_blob {
@@ -909,7 +923,7 @@ impl DurableStore {
         limits: &PutLimits,
     ) -> Result<PutReport> {
         mediastore_core::validate_scope(scope)?;
-        let (room, why) = self.room(scope, limits)?;
+        let room = self.room(scope, limits)?;
         let stage_dir = match self.placement {
             // Created where it will live: any shard dir will do.
             Placement::RenamedTemp => self
@@ -935,18 +949,8 @@ impl DurableStore {
                 break;
             }
             size += n as u64;
-            if size > room {
-                return Err(match why {
-                    Error::QuotaExceeded {
-                        quota, limit, used, ..
-                    } => Error::QuotaExceeded {
-                        quota,
-                        limit,
-                        used,
-                        wanted: size,
-                    },
-                    other => other,
-                });
+            if let Some(over) = room.as_ref().filter(|l| !l.fits(size)) {
+                return Err(over.exceeded(size));
             }
             let chunk = &buf[..n];
             if head.len() < SNIFF_BYTES {
@@ -1059,7 +1063,7 @@ impl DurableStore {
                 None
             };
             let sync = move || -> Result<()> {
-                ours.map_or_else(|| open_managed(&file), Ok)
+                ours.map_or_else(|| sweep::open_file(rustix::fs::CWD, &file), Ok)
                     .and_then(|f| f.sync_all())
                     .map_err(|e| Error::io(format!("syncing {}", file.display()), e))?;
                 if sync_dir_too {
@@ -1096,7 +1100,7 @@ impl DurableStore {
                     }
                     drop(shared);
                     commit?;
-                    self.note(Op::Verified { id: pending.value });
+                    self.local.note(Op::Verified { id: pending.value });
                     return Ok((pending.value, created));
                 }
                 // The existing copy is being deleted: let the deletion
@@ -1291,28 +1295,11 @@ impl Hashing {
     }
 }
 
-/// Opens a managed file for reading: never through a symlink, and without
-/// blocking on a FIFO planted in its place.
-fn open_managed(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
-        .open(path)?;
-    if !f.metadata()?.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
-    }
-    Ok(f)
-}
-
 /// The SHA-256 of the regular file at `path` (a managed file: never
 /// through a symlink, and never a FIFO or device, which could block or
 /// never end). Anything else is `InvalidInput`.
 fn file_digest(path: &Path) -> io::Result<[u8; 32]> {
-    digest_of(open_managed(path)?)
+    digest_of(sweep::open_file(rustix::fs::CWD, path)?)
 }
 
 /// The SHA-256 of everything left to read in `f`.

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mediastore_core::{Error, FileKey, Result};
-use rustix::fs::{AtFlags, CWD, Dir, FileType, Mode, OFlags, StatxFlags};
+use rustix::fs::{AtFlags, CWD, Dir, FileType, Mode, OFlags};
 use rustix::io::Errno;
 
 /// One entry of a directory, as the sweep sees it.
@@ -68,12 +68,7 @@ pub fn entries(dir: &OwnedFd, what: &str) -> Result<Vec<Entry>> {
         if name == c"." || name == c".." {
             continue;
         }
-        let st = match rustix::fs::statx(
-            dir,
-            name,
-            AtFlags::SYMLINK_NOFOLLOW,
-            StatxFlags::BASIC_STATS | StatxFlags::BTIME,
-        ) {
+        let st = match crate::fsops::statx_at(dir, name) {
             Ok(st) => st,
             Err(Errno::NOENT) => continue,
             Err(e) => return Err(Error::io(format!("checking an entry of {what}"), e.into())),
@@ -99,9 +94,10 @@ pub fn remove(dir: &OwnedFd, name: &CStr) -> io::Result<()> {
     rustix::fs::unlinkat(dir, name, AtFlags::empty()).map_err(io::Error::from)
 }
 
-/// Opens the regular file `name` of `dir` for reading: never through a
-/// symlink, never blocking on a FIFO.
-pub fn open_file(dir: &OwnedFd, name: &CStr) -> io::Result<File> {
+/// Opens the regular file `name` of `dir` (or the path `name` with
+/// [`CWD`]) for reading: never through a symlink, never blocking on a FIFO
+/// planted in its place.
+pub fn open_file(dir: impl AsFd, name: impl rustix::path::Arg) -> io::Result<File> {
     let fd = rustix::fs::openat(
         dir,
         name,
