@@ -611,13 +611,12 @@ impl DurableStore {
             store.local.note(Op::Forget { id, scopes });
         }
         report.deletions_completed = store.finish_pending(snap.pending);
-        report.orphans = store.sweep_orphans_locked(store.orphan_grace, true)?;
+        let (orphans, managed_bytes) = store.sweep_orphans_locked(store.orphan_grace, true)?;
+        report.orphans = orphans;
         report.temp_files_removed += report.orphans.temp_files_removed;
         report.orphans.strays_removed += strays;
         store.journal.flush_blocking()?;
-        store
-            .managed_bytes
-            .store(store.scan_managed_bytes()?, Ordering::Relaxed);
+        store.managed_bytes.store(managed_bytes, Ordering::Relaxed);
         report.took_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
             refs = report.refs,
@@ -678,13 +677,16 @@ impl DurableStore {
     /// `grace`, and anything in the managed dir that is not a plain file.
     pub async fn sweep_orphans(&self, grace: Duration) -> Result<OrphanReport> {
         let _exclusive = self.ingest.write().await;
-        self.sweep_orphans_locked(grace, false)
+        Ok(self.sweep_orphans_locked(grace, false)?.0)
     }
 
     /// The sweep; the caller holds `ingest` exclusively (or is opening).
-    fn sweep_orphans_locked(&self, grace: Duration, at_open: bool) -> Result<OrphanReport> {
+    /// Also returns the bytes of the managed files it leaves, which is the
+    /// managed total when no put is in flight (at open).
+    fn sweep_orphans_locked(&self, grace: Duration, at_open: bool) -> Result<(OrphanReport, u64)> {
         use rustix::fs::FileType;
         let mut report = OrphanReport::default();
+        let mut kept = 0;
         let root = sweep::open_root(&self.blobs)?;
         for shard in sweep::entries(&root, "the managed dir")? {
             if shard.name() == Path::new(INCOMING) {
@@ -715,6 +717,7 @@ impl DurableStore {
                     continue;
                 }
                 if self.local.core.file_status(entry.key).is_some() {
+                    kept += entry.size;
                     continue;
                 }
                 let is_temp = entry
@@ -739,6 +742,7 @@ impl DurableStore {
                         .is_ok_and(|d| entry.name().to_str() == Some(hex(&d).as_str()));
                     if matches {
                         report.kept_young += 1;
+                        kept += entry.size;
                         continue;
                     }
                     report.torn_removed += 1;
@@ -757,33 +761,13 @@ impl DurableStore {
                         }
                     }
                     Err(e) => {
+                        kept += entry.size;
                         tracing::warn!(path = %path.display(), error = %e, "could not remove orphan")
                     }
                 }
             }
         }
-        Ok(report)
-    }
-
-    fn scan_managed_bytes(&self) -> Result<u64> {
-        let mut total = 0;
-        for shard in
-            fs::read_dir(&self.blobs).map_err(|e| Error::io("reading the managed dir", e))?
-        {
-            let shard = shard.map_err(|e| Error::io("reading the managed dir", e))?;
-            if shard.file_name() == INCOMING || !shard.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            for entry in
-                fs::read_dir(shard.path()).map_err(|e| Error::io("reading the managed dir", e))?
-            {
-                let entry = entry.map_err(|e| Error::io("reading the managed dir", e))?;
-                if let Some(meta) = entry.metadata().ok().filter(|m| m.is_file()) {
-                    total += meta.len();
-                }
-            }
-        }
-        Ok(total)
+        Ok((report, kept))
     }
 
     /// Completes deletions that were decided and committed but not
