@@ -3,18 +3,20 @@
 //! the order the core applied it.
 
 use std::fs::File;
+use std::future::Future;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use mediastore_core::{
-    CleanupPolicy, Core, DeleteOutcome, Deletion, Dropped, Error, Expiry, FileKey, MediaMeta,
-    MediaRef, Registration, Resolved, Result, Timestamp,
+    CleanupPolicy, Core, CoreConfig, DeleteOutcome, Deletion, Dropped, Error, Expiry, FileKey,
+    MediaMeta, MediaRef, Registration, Resolved, Result, ScopeRule, Timestamp,
 };
 use parking_lot::Mutex;
 
 use crate::api::{DeleteFailure, ReleaseReport, SweepReport};
-use crate::clock::Clock;
+use crate::clock::{Clock, SystemClock};
 use crate::fsops::{self, Deleted, OwnedRoots};
 
 /// Holds dropped per core call during a sweep; between calls no lock is held.
@@ -79,6 +81,59 @@ pub(crate) trait Journal: Send + Sync + 'static {
     /// Fails when the journal takes no more changes (closing, or a commit
     /// failed), so the engine can refuse a change before making it.
     fn check(&self) -> Result<()>;
+}
+
+/// What every local engine is configured with: owned roots, expiry and
+/// the clock. Both builders keep one and forward their setters to it.
+pub(crate) struct Settings {
+    owned_roots: Vec<PathBuf>,
+    max_age: Option<Duration>,
+    rules: Vec<ScopeRule>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            owned_roots: Vec::new(),
+            max_age: None,
+            rules: Vec::new(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl Settings {
+    pub fn owned_root(&mut self, dir: PathBuf) {
+        self.owned_roots.push(dir);
+    }
+
+    pub fn max_age(&mut self, max_age: Duration) {
+        self.max_age = Some(max_age);
+    }
+
+    pub fn scope_rule(&mut self, prefix: String, expiry: Expiry) {
+        self.rules.push(ScopeRule { prefix, expiry });
+    }
+
+    pub fn clock(&mut self, clock: Arc<dyn Clock>) {
+        self.clock = clock;
+    }
+
+    /// The engine these settings describe. `own_roots` are roots the
+    /// engine itself owns (the managed dir) besides the configured ones;
+    /// `record_drops` is for engines that journal sweeps. Fails when a
+    /// root does not exist.
+    pub fn into_local(self, own_roots: &[PathBuf], record_drops: bool) -> Result<Local> {
+        let core = Core::new(CoreConfig {
+            default_max_age: self.max_age,
+            scope_rules: self.rules,
+            record_drops,
+        });
+        let mut roots = own_roots.to_vec();
+        roots.extend(self.owned_roots);
+        Ok(Local::new(core, OwnedRoots::new(&roots)?, self.clock))
+    }
 }
 
 /// A tally of deletions, shared by releases and sweeps.
@@ -316,11 +371,38 @@ impl Local {
         }
     }
 
-    /// Adds a sweep batch's counts to the report (deletions go separately).
-    pub fn count_batch(report: &mut SweepReport, dropped: &Dropped) {
-        report.refs_expired += dropped.refs_removed;
-        report.holds_expired += dropped.holds;
-        report.scopes_removed += dropped.scopes_removed;
+    /// One sweep: retries earlier failed deletions, then drops expired holds
+    /// in bounded batches. `settle` turns each batch into the deletions that
+    /// may be carried out now (at once in memory; once the batch is durable
+    /// with a journal).
+    pub async fn sweep<F, Fut>(&self, mut settle: F) -> Result<SweepReport>
+    where
+        F: FnMut(Pending<Dropped>) -> Fut,
+        Fut: Future<Output = Result<Dropped>>,
+    {
+        let now = self.now();
+        let mut tally = Tally::default();
+        let retries = self.core.retry_deletions();
+        let mut report = SweepReport {
+            retried: retries.len() as u64,
+            ..SweepReport::default()
+        };
+        self.delete_all(retries, &mut tally);
+        loop {
+            let dropped = settle(self.expire_batch(now)?).await?;
+            report.refs_expired += dropped.refs_removed;
+            report.holds_expired += dropped.holds;
+            report.scopes_removed += dropped.scopes_removed;
+            let more = dropped.more;
+            self.delete_all(dropped.deletions, &mut tally);
+            if !more {
+                break;
+            }
+        }
+        report.files_deleted = tally.files;
+        report.bytes_freed = tally.bytes;
+        report.failures = tally.failures;
+        Ok(report)
     }
 
     pub fn open(&self, media_ref: MediaRef) -> Result<(File, Arc<Resolved>)> {

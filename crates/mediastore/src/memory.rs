@@ -5,60 +5,47 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mediastore_core::{
-    Core, CoreConfig, Expiry, FileStatus, MediaMeta, MediaRef, Resolved, Result, ScopeRule,
-};
+use mediastore_core::{Core, Expiry, FileStatus, MediaMeta, MediaRef, Resolved, Result};
 
 use crate::api::{MediaStore, ReleaseReport, Stats, SweepReport};
-use crate::clock::{Clock, SystemClock};
-use crate::fsops::{self, OwnedRoots};
-use crate::local::{Local, Tally};
+use crate::clock::Clock;
+use crate::fsops;
+use crate::local::{Local, Settings};
 
 /// Builds a [`MemoryStore`].
 pub struct MemoryStoreBuilder {
-    owned_roots: Vec<PathBuf>,
-    max_age: Option<Duration>,
-    rules: Vec<ScopeRule>,
-    clock: Arc<dyn Clock>,
+    settings: Settings,
 }
 
 impl MemoryStoreBuilder {
     /// Adds a directory under which the store owns (and may delete) files.
     pub fn owned_root(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.owned_roots.push(dir.into());
+        self.settings.owned_root(dir.into());
         self
     }
 
     /// Default max age of holds; zero means holds never expire.
     pub fn max_age(mut self, max_age: Duration) -> Self {
-        self.max_age = Some(max_age);
+        self.settings.max_age(max_age);
         self
     }
 
     /// Adds a per-prefix expiry rule (longest prefix wins).
     pub fn scope_rule(mut self, prefix: impl Into<String>, expiry: Expiry) -> Self {
-        self.rules.push(ScopeRule {
-            prefix: prefix.into(),
-            expiry,
-        });
+        self.settings.scope_rule(prefix.into(), expiry);
         self
     }
 
     /// Replaces the system clock (tests).
     pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
+        self.settings.clock(Arc::new(clock));
         self
     }
 
     /// Builds the store. Fails when an owned root does not exist.
     pub fn build(self) -> Result<MemoryStore> {
-        let core = Core::new(CoreConfig {
-            default_max_age: self.max_age,
-            scope_rules: self.rules,
-            record_drops: false,
-        });
         Ok(MemoryStore {
-            local: Local::new(core, OwnedRoots::new(&self.owned_roots)?, self.clock),
+            local: self.settings.into_local(&[], false)?,
         })
     }
 }
@@ -93,10 +80,7 @@ impl MemoryStore {
     /// A builder with no owned roots, no expiry and the system clock.
     pub fn builder() -> MemoryStoreBuilder {
         MemoryStoreBuilder {
-            owned_roots: Vec::new(),
-            max_age: None,
-            rules: Vec::new(),
-            clock: Arc::new(SystemClock),
+            settings: Settings::default(),
         }
     }
 
@@ -108,32 +92,6 @@ impl MemoryStore {
     /// The owned roots, canonicalised.
     pub fn owned_roots(&self) -> &[PathBuf] {
         self.local.roots.roots()
-    }
-
-    fn sweep_sync(&self) -> SweepReport {
-        let local = &self.local;
-        let now = local.now();
-        let mut tally = Tally::default();
-        let retries = local.core.retry_deletions();
-        let mut report = SweepReport {
-            retried: retries.len() as u64,
-            ..SweepReport::default()
-        };
-        local.delete_all(retries, &mut tally);
-        // Without a journal nothing can refuse a batch.
-        while let Ok(batch) = local.expire_batch(now) {
-            let dropped = batch.value;
-            Local::count_batch(&mut report, &dropped);
-            let more = dropped.more;
-            local.delete_all(dropped.deletions, &mut tally);
-            if !more {
-                break;
-            }
-        }
-        report.files_deleted = tally.files;
-        report.bytes_freed = tally.bytes;
-        report.failures = tally.failures;
-        report
     }
 }
 
@@ -172,7 +130,9 @@ impl MediaStore for MemoryStore {
     }
 
     async fn clean_expired(&self) -> Result<SweepReport> {
-        Ok(self.sweep_sync())
+        self.local
+            .sweep(|batch| std::future::ready(Ok(batch.value)))
+            .await
     }
 
     async fn scopes_of(&self, media_ref: MediaRef) -> Result<Vec<String>> {

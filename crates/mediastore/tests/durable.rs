@@ -98,7 +98,11 @@ fn reopen_restores_refs_holds_and_deadlines() {
     let report = store.open_report().clone();
     assert_eq!(report.refs, 3);
     assert_eq!(report.holds, 4);
-    assert_eq!(store.managed_bytes(), b"bytes of b".len() as u64, "counted at open");
+    assert_eq!(
+        store.managed_bytes(),
+        b"bytes of b".len() as u64,
+        "counted at open"
+    );
     assert!(report.vanished.is_empty());
     block_on(async {
         assert_eq!(

@@ -25,8 +25,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mediastore_core::{
-    CleanupPolicy, Core, CoreConfig, Deletion, Dropped, Error, Expiry, FileKey, FileStatus,
-    MediaMeta, MediaRef, Registration, Resolved, Result, ScopeRule, Timestamp,
+    CleanupPolicy, Core, Deletion, Dropped, Error, Expiry, FileKey, FileStatus, MediaMeta,
+    MediaRef, Registration, Resolved, Result, Timestamp,
 };
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
@@ -37,9 +37,9 @@ pub use ingest::{decide_content_type, sanitize_filename};
 pub use journal::JournalStats;
 
 use crate::api::{MediaStore, ReleaseReport, Stats, SweepReport};
-use crate::clock::{Clock, SystemClock};
-use crate::fsops::{self, Deleted, OwnedRoots};
-use crate::local::{Local, Op, Tally};
+use crate::clock::Clock;
+use crate::fsops::{self, Deleted};
+use crate::local::{Local, Op, Settings};
 use journal::SqliteJournal;
 
 const INDEX_FILE: &str = "index.sqlite";
@@ -147,10 +147,7 @@ pub struct OpenReport {
 /// Builds a [`DurableStore`].
 pub struct DurableStoreBuilder {
     data_dir: PathBuf,
-    owned_roots: Vec<PathBuf>,
-    max_age: Option<Duration>,
-    rules: Vec<ScopeRule>,
-    clock: Arc<dyn Clock>,
+    settings: Settings,
     orphan_grace: Duration,
     quotas: Quotas,
 }
@@ -159,28 +156,25 @@ impl DurableStoreBuilder {
     /// Adds a directory outside the data dir under which the store owns
     /// (and may delete) files registered with `store`.
     pub fn owned_root(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.owned_roots.push(dir.into());
+        self.settings.owned_root(dir.into());
         self
     }
 
     /// Default max age of holds; zero means holds never expire.
     pub fn max_age(mut self, max_age: Duration) -> Self {
-        self.max_age = Some(max_age);
+        self.settings.max_age(max_age);
         self
     }
 
     /// Adds a per-prefix expiry rule (longest prefix wins).
     pub fn scope_rule(mut self, prefix: impl Into<String>, expiry: Expiry) -> Self {
-        self.rules.push(ScopeRule {
-            prefix: prefix.into(),
-            expiry,
-        });
+        self.settings.scope_rule(prefix.into(), expiry);
         self
     }
 
     /// Replaces the system clock (tests).
     pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
+        self.settings.clock(Arc::new(clock));
         self
     }
 
@@ -522,10 +516,7 @@ impl DurableStore {
     pub fn builder(data_dir: impl Into<PathBuf>) -> DurableStoreBuilder {
         DurableStoreBuilder {
             data_dir: data_dir.into(),
-            owned_roots: Vec::new(),
-            max_age: None,
-            rules: Vec::new(),
-            clock: Arc::new(SystemClock),
+            settings: Settings::default(),
             orphan_grace: Duration::from_secs(3600),
             quotas: Quotas::default(),
         }
@@ -575,14 +566,8 @@ impl DurableStore {
         let conn = index::open(&index_path)?;
         let snap = index::load(&index_path, &conn)?;
 
-        let mut roots = vec![blobs.clone()];
-        roots.extend(b.owned_roots);
-        let core = Core::new(CoreConfig {
-            default_max_age: b.max_age,
-            scope_rules: b.rules,
-            record_drops: true,
-        });
-        let local = Local::new(core, OwnedRoots::new(&roots)?, b.clock);
+        // The managed dir is always an owned root.
+        let local = b.settings.into_local(std::slice::from_ref(&blobs), true)?;
         let restored = restore(&local.core, &snap, &blobs, &mut report)?;
 
         let placement = Placement::choose(&blobs, &incoming);
@@ -1588,32 +1573,12 @@ impl MediaStore for DurableStore {
     }
 
     async fn clean_expired(&self) -> Result<SweepReport> {
-        let local = &self.local;
-        let now = local.now();
-        let mut tally = Tally::default();
         // A failed deletion may come from a release whose commit was still
         // pending when its caller gave up: retry only once it is durable.
         self.journal.wait_all().await?;
-        let retries = local.core.retry_deletions();
-        let mut report = SweepReport {
-            retried: retries.len() as u64,
-            ..SweepReport::default()
-        };
-        local.delete_all(retries, &mut tally);
-        loop {
-            let p = local.expire_batch(now)?;
-            let dropped = self.drop_and_delete(p.value, p.seq).await?;
-            Local::count_batch(&mut report, &dropped);
-            let more = dropped.more;
-            local.delete_all(dropped.deletions, &mut tally);
-            if !more {
-                break;
-            }
-        }
-        report.files_deleted = tally.files;
-        report.bytes_freed = tally.bytes;
-        report.failures = tally.failures;
-        Ok(report)
+        self.local
+            .sweep(|batch| self.drop_and_delete(batch.value, batch.seq))
+            .await
     }
 
     async fn scopes_of(&self, media_ref: MediaRef) -> Result<Vec<String>> {
