@@ -42,6 +42,24 @@ fn builder(d: &Dirs, clock: &ManualClock) -> DurableStoreBuilder {
         .clock(clock.clone())
 }
 
+/// Puts `bytes` into `scope` with no per-call limit.
+async fn put(store: &DurableStore, bytes: &[u8], scope: &str) -> mediastore::PutReport {
+    store
+        .put(bytes, &meta("x.bin"), scope, &PutLimits::default())
+        .await
+        .expect("put")
+}
+
+/// Polls `fut` once, as a caller that gives up would; true when it had to
+/// wait (and is now abandoned).
+fn gave_up<F: std::future::Future>(fut: F) -> bool {
+    use std::task::{Context, Waker};
+    let mut fut = std::pin::pin!(fut);
+    fut.as_mut()
+        .poll(&mut Context::from_waker(Waker::noop()))
+        .is_pending()
+}
+
 fn meta(name: &str) -> MediaMeta {
     MediaMeta::new(name, "image/jpeg", "test")
 }
@@ -156,15 +174,8 @@ fn identical_puts_share_one_file_until_the_last_ref_goes() {
     let clock = ManualClock::new(epoch());
     let store = builder(&d, &clock).open().unwrap();
     block_on(async {
-        let lim = PutLimits::default();
-        let one = store
-            .put(&b"same"[..], &meta("1.jpg"), "s1", &lim)
-            .await
-            .unwrap();
-        let two = store
-            .put(&b"same"[..], &meta("2.jpg"), "s2", &lim)
-            .await
-            .unwrap();
+        let one = put(&store, &b"same"[..], "s1").await;
+        let two = put(&store, &b"same"[..], "s2").await;
         assert!(!one.deduplicated && two.deduplicated);
         assert_eq!(one.sha256, two.sha256);
         let p1 = store.resolve(one.media_ref).await.unwrap();
@@ -185,10 +196,7 @@ fn identical_puts_share_one_file_until_the_last_ref_goes() {
         assert!(!p1.exists());
         assert_eq!(store.managed_bytes(), 0);
         // Stored again after deletion: a fresh file.
-        let three = store
-            .put(&b"same"[..], &meta("3.jpg"), "s3", &lim)
-            .await
-            .unwrap();
+        let three = put(&store, &b"same"[..], "s3").await;
         assert!(!three.deduplicated);
         assert_eq!(
             fs::read(&*store.resolve(three.media_ref).await.unwrap()).unwrap(),
@@ -201,7 +209,7 @@ fn identical_puts_share_one_file_until_the_last_ref_goes() {
 fn put_digest_is_sha256() {
     let d = dirs();
     let store = builder(&d, &ManualClock::new(epoch())).open().unwrap();
-    let put = block_on(store.put(&b"abc"[..], &meta("x"), "s", &PutLimits::default())).unwrap();
+    let put = block_on(put(&store, &b"abc"[..], "s"));
     assert_eq!(
         put.sha256,
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
@@ -243,10 +251,7 @@ fn oversize_streams_and_quotas_write_nothing() {
             before,
             "nothing left behind"
         );
-        store
-            .put(&[1u8; 100][..], &meta("a"), "s", &lim)
-            .await
-            .unwrap();
+        put(&store, &[1u8; 100][..], "s").await;
         match store.put(&[2u8; 60][..], &meta("b"), "s", &lim).await {
             Err(Error::QuotaExceeded {
                 quota: "scope",
@@ -256,10 +261,7 @@ fn oversize_streams_and_quotas_write_nothing() {
             }) => {}
             other => panic!("expected the scope quota, got {other:?}"),
         }
-        store
-            .put(&[3u8; 100][..], &meta("c"), "t", &lim)
-            .await
-            .unwrap();
+        put(&store, &[3u8; 100][..], "t").await;
         match store.put(&[4u8; 60][..], &meta("d"), "u", &lim).await {
             Err(Error::QuotaExceeded {
                 quota: "total",
@@ -361,8 +363,7 @@ fn torn_temp_files_orphans_and_planted_symlinks_are_cleaned_on_open() {
     let clock = ManualClock::new(epoch());
     let (kept, managed) = {
         let store = builder(&d, &clock).open().unwrap();
-        let put =
-            block_on(store.put(&b"keep me"[..], &meta("k"), "s", &PutLimits::default())).unwrap();
+        let put = block_on(put(&store, &b"keep me"[..], "s"));
         (
             block_on(store.resolve(put.media_ref)).unwrap(),
             store.managed_dir().to_path_buf(),
@@ -469,8 +470,7 @@ fn damaged_or_foreign_indexes_are_refused_without_touching_files() {
     let clock = ManualClock::new(epoch());
     let kept = {
         let store = builder(&d, &clock).open().unwrap();
-        let put =
-            block_on(store.put(&b"kept"[..], &meta("k"), "s", &PutLimits::default())).unwrap();
+        let put = block_on(put(&store, &b"kept"[..], "s"));
         block_on(store.resolve(put.media_ref)).unwrap()
     };
     let index = d.data.join("index.sqlite");
@@ -516,15 +516,8 @@ fn puts_that_crashed_before_their_bytes_were_durable_are_dropped_on_open() {
     let (torn, intact, torn_path) = {
         let store = builder(&d, &clock).open().unwrap();
         block_on(async {
-            let lim = PutLimits::default();
-            let a = store
-                .put(&b"torn"[..], &meta("a"), "s", &lim)
-                .await
-                .unwrap();
-            let b = store
-                .put(&b"intact"[..], &meta("b"), "s", &lim)
-                .await
-                .unwrap();
+            let a = put(&store, &b"torn"[..], "s").await;
+            let b = put(&store, &b"intact"[..], "s").await;
             let path = store.resolve(a.media_ref).await.unwrap().to_path_buf();
             (a.media_ref, b.media_ref, path)
         })
@@ -686,7 +679,7 @@ fn a_data_dir_copied_elsewhere_keeps_its_managed_refs() {
     let clock = ManualClock::new(epoch());
     let put = {
         let store = builder(&d, &clock).open().unwrap();
-        block_on(store.put(&b"moved bytes"[..], &meta("m"), "s", &PutLimits::default())).unwrap()
+        block_on(put(&store, &b"moved bytes"[..], "s"))
     };
     // A backup restored to another path: new inodes, new location.
     let moved = d.outside.join("restored-data");
@@ -731,14 +724,8 @@ fn a_cancelled_release_neither_wedges_its_files_nor_loses_their_deletion() {
         store.store(&b, &meta("b"), "t").await.unwrap();
         // Both releases are given up while they wait for their commit.
         for scope in ["s", "t"] {
-            use std::future::Future;
-            use std::task::{Context, Waker};
-            let mut release = std::pin::pin!(store.release_all(scope));
-            let polled = release
-                .as_mut()
-                .poll(&mut Context::from_waker(Waker::noop()));
             assert!(
-                polled.is_pending(),
+                gave_up(store.release_all(scope)),
                 "the release had to wait for its commit"
             );
         }
@@ -773,14 +760,11 @@ fn a_cancelled_put_gives_its_quota_reservation_back() {
         .build()
         .unwrap();
     rt.block_on(async {
-        {
-            use std::future::Future;
-            use std::task::{Context, Waker};
-            let (body, m, lim) = ([1u8; 60], meta("x"), PutLimits::default());
-            let mut put = std::pin::pin!(store.put(&body[..], &m, "s", &lim));
-            let polled = put.as_mut().poll(&mut Context::from_waker(Waker::noop()));
-            assert!(polled.is_pending(), "the put had to wait for its commit");
-        }
+        let (body, lim) = ([1u8; 60], PutLimits::default());
+        assert!(
+            gave_up(store.put(&body[..], &meta("x"), "s", &lim)),
+            "the put had to wait for its commit"
+        );
         store.release_all("s").await.unwrap();
         store
             .put(&[2u8; 50][..], &meta("y"), "s", &PutLimits::default())

@@ -71,6 +71,30 @@ fn fill(path: &Path) -> u64 {
     n
 }
 
+/// Runs `op(0)`, `op(1)`, ... until one fails; returns what the others
+/// gave and the failure.
+async fn until_refused<T, F, Fut>(mut op: F) -> (Vec<T>, Error)
+where
+    F: FnMut(u32) -> Fut,
+    Fut: std::future::Future<Output = mediastore::Result<T>>,
+{
+    let mut done = Vec::new();
+    for i in 0.. {
+        match op(i).await {
+            Ok(v) => done.push(v),
+            Err(e) => return (done, e),
+        }
+    }
+    unreachable!("a full disk refuses a change long before u32::MAX")
+}
+
+fn assert_storage_full(err: &Error) {
+    assert!(
+        matches!(err, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull),
+        "expected a storage-full error, got {err:?}"
+    );
+}
+
 fn check_all(store: &DurableStore, acked: &[(MediaRef, Vec<u8>)]) {
     block_on(async {
         for (r, body) in acked {
@@ -106,61 +130,36 @@ fn a_full_disk_fails_changes_cleanly_and_loses_nothing_acknowledged() {
     // An upload bigger than the space left fails and leaves nothing.
     let before: Vec<_> = walk(&data);
     let big = vec![9u8; 8 << 20];
-    match block_on(store.put(&big[..], &meta(), "s", &PutLimits::default())) {
-        Err(Error::Io { source, .. }) => {
-            assert_eq!(source.kind(), std::io::ErrorKind::StorageFull, "{source}")
-        }
-        other => panic!("expected a storage-full error, got {other:?}"),
-    }
+    let err = block_on(store.put(&big[..], &meta(), "s", &PutLimits::default()))
+        .expect_err("an upload bigger than the disk fails");
+    assert_storage_full(&err);
     assert_eq!(walk(&data), before, "a failed put leaves no file behind");
     check_all(&store, &acked);
 
     // Fill the disk to the last byte: changes now fail with a clear error.
     let filler = mnt.join("filler");
     fill(&filler);
-    let mut failed = None;
-    block_on(async {
-        for i in 0..10_000u32 {
+    let (put, err) = block_on(until_refused(|i| {
+        let store = &store;
+        async move {
             let body = i.to_le_bytes().repeat(300);
-            match store
+            let put = store
                 .put(&body[..], &meta(), "t", &PutLimits::default())
-                .await
-            {
-                Ok(put) => acked.push((put.media_ref, body)),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
+                .await?;
+            Ok((put.media_ref, body))
         }
-    });
-    let err = failed.expect("a full disk fails a put");
-    assert!(
-        matches!(&err, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull),
-        "{err:?}"
-    );
+    }));
+    acked.extend(put);
+    assert_storage_full(&err);
     // Registrations need no managed bytes, only index space: they go on
     // until the index cannot grow, then fail, and the store refuses
     // further changes rather than acknowledge what it could not save.
-    let mut stored = Vec::new();
-    let mut index_full = None;
-    block_on(async {
-        for i in 0..1_000_000u32 {
-            let scope = format!("a-long-scope-name-to-fill-index-pages-faster:{i}");
-            match store.store(&external, &meta(), &scope).await {
-                Ok(r) => stored.push(r),
-                Err(e) => {
-                    index_full = Some(e);
-                    break;
-                }
-            }
-        }
-    });
-    let err = index_full.expect("a full disk fails an index write");
-    assert!(
-        matches!(&err, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull),
-        "{err:?}"
-    );
+    let (stored, err) = block_on(until_refused(|i| {
+        let scope = format!("a-long-scope-name-to-fill-index-pages-faster:{i}");
+        let (store, external) = (&store, &external);
+        async move { store.store(external, &meta(), &scope).await }
+    }));
+    assert_storage_full(&err);
     assert!(
         block_on(store.store(&external, &meta(), "after")).is_err(),
         "the store refuses changes after a failed commit"
