@@ -578,6 +578,34 @@ mod parent {
         stored_paths: HashMap<PathBuf, (String, Kind)>,
     }
 
+    impl Model {
+        /// Records a ref acknowledged as new, held by `scope`.
+        fn add(
+            &mut self,
+            ctx: &Ctx,
+            r: MediaRef,
+            sha: String,
+            kind: Kind,
+            path: Option<PathBuf>,
+            scope: &str,
+        ) {
+            let fresh = RefModel {
+                sha,
+                kind,
+                path,
+                holds: BTreeSet::from([scope.to_string()]),
+                maybe: BTreeSet::new(),
+            };
+            if self.refs.insert(r, fresh).is_some() {
+                ctx.fail(format!("ref {r} handed out twice"));
+            }
+            self.by_scope
+                .entry(scope.to_string())
+                .or_default()
+                .insert(r);
+        }
+    }
+
     #[derive(Default)]
     struct Summary {
         cycles: u32,
@@ -707,21 +735,7 @@ mod parent {
                     }
                     ack(&mut inflight, "PUT");
                     let r = parse_ref(f[2]);
-                    let fresh = RefModel {
-                        sha: f[4].to_string(),
-                        kind: Kind::Put,
-                        path: None,
-                        holds: BTreeSet::from([f[3].to_string()]),
-                        maybe: BTreeSet::new(),
-                    };
-                    if model.refs.insert(r, fresh).is_some() {
-                        ctx.fail(format!("ref {r} handed out twice"));
-                    }
-                    model
-                        .by_scope
-                        .entry(f[3].to_string())
-                        .or_default()
-                        .insert(r);
+                    model.add(ctx, r, f[4].to_string(), Kind::Put, None, f[3]);
                     *sum.acked.entry("put").or_default() += 1;
                     sum.dedup_puts += u64::from(f[6] == "1");
                 }
@@ -742,21 +756,7 @@ mod parent {
                             ctx.fail(format!("{} stored with two contents", path.display()));
                         }
                     }
-                    let fresh = RefModel {
-                        sha,
-                        kind,
-                        path: Some(path),
-                        holds: BTreeSet::from([f[3].to_string()]),
-                        maybe: BTreeSet::new(),
-                    };
-                    if model.refs.insert(r, fresh).is_some() {
-                        ctx.fail(format!("ref {r} handed out twice"));
-                    }
-                    model
-                        .by_scope
-                        .entry(f[3].to_string())
-                        .or_default()
-                        .insert(r);
+                    model.add(ctx, r, sha, kind, Some(path), f[3]);
                     *sum.acked.entry("store").or_default() += 1;
                 }
                 "RETAIN" => {
