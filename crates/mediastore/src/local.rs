@@ -83,6 +83,42 @@ pub(crate) trait Journal: Send + Sync + 'static {
     fn check(&self) -> Result<()>;
 }
 
+/// The builder setters every local engine shares, forwarded to the
+/// builder's `settings` field (a [`Settings`]).
+macro_rules! settings_setters {
+    () => {
+        /// Adds a directory under which the store owns (and may delete)
+        /// files registered with `store`.
+        pub fn owned_root(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+            self.settings.owned_root(dir.into());
+            self
+        }
+
+        /// Default max age of holds; zero means holds never expire.
+        pub fn max_age(mut self, max_age: std::time::Duration) -> Self {
+            self.settings.max_age(max_age);
+            self
+        }
+
+        /// Adds a per-prefix expiry rule (longest prefix wins).
+        pub fn scope_rule(
+            mut self,
+            prefix: impl Into<String>,
+            expiry: mediastore_core::Expiry,
+        ) -> Self {
+            self.settings.scope_rule(prefix.into(), expiry);
+            self
+        }
+
+        /// Replaces the system clock (tests).
+        pub fn clock(mut self, clock: impl crate::clock::Clock) -> Self {
+            self.settings.clock(std::sync::Arc::new(clock));
+            self
+        }
+    };
+}
+pub(crate) use settings_setters;
+
 /// What every local engine is configured with: owned roots, expiry and
 /// the clock. Both builders keep one and forward their setters to it.
 pub(crate) struct Settings {

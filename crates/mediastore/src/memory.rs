@@ -3,12 +3,10 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use mediastore_core::{Core, Expiry, FileStatus, MediaMeta, MediaRef, Resolved, Result};
 
 use crate::api::{MediaStore, ReleaseReport, Stats, SweepReport};
-use crate::clock::Clock;
 use crate::fsops;
 use crate::local::{Local, Settings};
 
@@ -18,29 +16,7 @@ pub struct MemoryStoreBuilder {
 }
 
 impl MemoryStoreBuilder {
-    /// Adds a directory under which the store owns (and may delete) files.
-    pub fn owned_root(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.settings.owned_root(dir.into());
-        self
-    }
-
-    /// Default max age of holds; zero means holds never expire.
-    pub fn max_age(mut self, max_age: Duration) -> Self {
-        self.settings.max_age(max_age);
-        self
-    }
-
-    /// Adds a per-prefix expiry rule (longest prefix wins).
-    pub fn scope_rule(mut self, prefix: impl Into<String>, expiry: Expiry) -> Self {
-        self.settings.scope_rule(prefix.into(), expiry);
-        self
-    }
-
-    /// Replaces the system clock (tests).
-    pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.settings.clock(Arc::new(clock));
-        self
-    }
+    crate::local::settings_setters!();
 
     /// Builds the store. Fails when an owned root does not exist.
     pub fn build(self) -> Result<MemoryStore> {

@@ -37,7 +37,6 @@ pub use ingest::{decide_content_type, sanitize_filename};
 pub use journal::JournalStats;
 
 use crate::api::{MediaStore, ReleaseReport, Stats, SweepReport};
-use crate::clock::Clock;
 use crate::fsops::{self, Deleted};
 use crate::local::{Local, Op, Settings};
 use journal::SqliteJournal;
@@ -153,30 +152,7 @@ pub struct DurableStoreBuilder {
 }
 
 impl DurableStoreBuilder {
-    /// Adds a directory outside the data dir under which the store owns
-    /// (and may delete) files registered with `store`.
-    pub fn owned_root(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.settings.owned_root(dir.into());
-        self
-    }
-
-    /// Default max age of holds; zero means holds never expire.
-    pub fn max_age(mut self, max_age: Duration) -> Self {
-        self.settings.max_age(max_age);
-        self
-    }
-
-    /// Adds a per-prefix expiry rule (longest prefix wins).
-    pub fn scope_rule(mut self, prefix: impl Into<String>, expiry: Expiry) -> Self {
-        self.settings.scope_rule(prefix.into(), expiry);
-        self
-    }
-
-    /// Replaces the system clock (tests).
-    pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.settings.clock(Arc::new(clock));
-        self
-    }
+    crate::local::settings_setters!();
 
     /// How old an unreferenced managed file must be before an orphan sweep
     /// removes it (default one hour). A crash between writing a managed
