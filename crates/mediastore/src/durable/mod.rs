@@ -8,8 +8,12 @@
 //! <data>/LOCK                  flock'ed while a store has the dir open
 //! <data>/index.sqlite (+ -wal) refs, holds, scopes, pending deletions
 //! <data>/blobs/<aa>/<sha256>   managed files, named by their digest
-//! <data>/blobs/.incoming/      ingest temp files (removed on open)
+//! <data>/blobs/<aa>/.tmp-*     uploads in progress (ext4 without a journal)
+//! <data>/blobs/.incoming/      uploads in progress (elsewhere; unnamed
+//!                              O_TMPFILE inodes where supported)
 //! ```
+//!
+//! Temp files left by a crash are removed on open.
 
 mod index;
 mod ingest;
@@ -348,7 +352,6 @@ fn hex(bytes: &[u8]) -> String {
         })
 }
 
-/// A temp file in the incoming dir, removed on drop unless kept.
 /// How uploads are staged and put in place, chosen at open from what the
 /// file system guarantees. In every case the file's one fsync (with the
 /// directory's, where needed) makes both its bytes and its name durable.
