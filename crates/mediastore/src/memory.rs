@@ -89,20 +89,20 @@ impl MediaStore for MemoryStore {
     }
 
     async fn retain(&self, media_ref: MediaRef, scope: &str) -> Result<()> {
-        self.local.core.retain(self.local.now(), media_ref, scope)
+        Ok(self.local.retain(media_ref, scope)?.value)
     }
 
     async fn release_all(&self, scope: &str) -> Result<ReleaseReport> {
-        let dropped = self.local.core.release_all(scope)?;
+        let dropped = self.local.release(scope)?.value;
         Ok(self.local.finish_release(dropped))
     }
 
     async fn touch(&self, scope: &str) -> Result<usize> {
-        self.local.core.touch(self.local.now(), scope)
+        Ok(self.local.touch(scope)?.value)
     }
 
     async fn set_scope_expiry(&self, scope: &str, expiry: Expiry) -> Result<()> {
-        self.local.core.set_scope_expiry(scope, expiry)
+        Ok(self.local.set_scope_expiry(scope, expiry)?.value)
     }
 
     async fn clean_expired(&self) -> Result<SweepReport> {
