@@ -89,7 +89,7 @@ impl MediaStore for MemoryStore {
     }
 
     async fn retain(&self, media_ref: MediaRef, scope: &str) -> Result<()> {
-        Ok(self.local.retain(media_ref, scope)?.value)
+        self.local.retain(media_ref, scope).map(|_| ())
     }
 
     async fn release_all(&self, scope: &str) -> Result<ReleaseReport> {
@@ -102,7 +102,7 @@ impl MediaStore for MemoryStore {
     }
 
     async fn set_scope_expiry(&self, scope: &str, expiry: Expiry) -> Result<()> {
-        Ok(self.local.set_scope_expiry(scope, expiry)?.value)
+        self.local.set_scope_expiry(scope, expiry).map(|_| ())
     }
 
     async fn clean_expired(&self) -> Result<SweepReport> {
