@@ -119,6 +119,64 @@ macro_rules! settings_setters {
 }
 pub(crate) use settings_setters;
 
+/// The lookups of the `MediaStore` API, the same in every local engine:
+/// answered from memory (`self.local`), never from disk.
+macro_rules! local_lookups {
+    () => {
+        async fn resolve(
+            &self,
+            media_ref: mediastore_core::MediaRef,
+        ) -> mediastore_core::Result<std::sync::Arc<std::path::Path>> {
+            Ok(self.local.core.resolve(media_ref)?.path.clone())
+        }
+
+        async fn resolve_with_meta(
+            &self,
+            media_ref: mediastore_core::MediaRef,
+        ) -> mediastore_core::Result<std::sync::Arc<mediastore_core::Resolved>> {
+            self.local.core.resolve(media_ref)
+        }
+
+        async fn open(
+            &self,
+            media_ref: mediastore_core::MediaRef,
+        ) -> mediastore_core::Result<(std::fs::File, std::sync::Arc<mediastore_core::Resolved>)> {
+            self.local.open(media_ref)
+        }
+
+        async fn scopes_of(
+            &self,
+            media_ref: mediastore_core::MediaRef,
+        ) -> mediastore_core::Result<Vec<String>> {
+            self.local.core.scopes_of(media_ref)
+        }
+
+        async fn refs_in(
+            &self,
+            scope: &str,
+        ) -> mediastore_core::Result<Vec<mediastore_core::MediaRef>> {
+            self.local.core.refs_in(scope)
+        }
+
+        async fn file_status(
+            &self,
+            path: &std::path::Path,
+        ) -> mediastore_core::Result<Option<mediastore_core::FileStatus>> {
+            let st = crate::fsops::stat_for_store(path)?;
+            Ok(self.local.core.file_status(st.key))
+        }
+
+        async fn stats(&self) -> mediastore_core::Result<crate::api::Stats> {
+            Ok(self.local.core.stats())
+        }
+
+        fn expiry_configured(&self) -> bool {
+            self.local.core.expiry_configured()
+        }
+    };
+}
+pub(crate) use local_lookups;
+
 /// What every local engine is configured with: owned roots, expiry and
 /// the clock. Both builders keep one and forward their setters to it.
 pub(crate) struct Settings {

@@ -1,13 +1,10 @@
 //! The in-memory engine: the core plus local files, no persistence.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use mediastore_core::{Core, Expiry, FileStatus, MediaMeta, MediaRef, Resolved, Result};
+use mediastore_core::{Core, Expiry, MediaMeta, MediaRef, Result};
 
-use crate::api::{MediaStore, ReleaseReport, Stats, SweepReport};
-use crate::fsops;
+use crate::api::{MediaStore, ReleaseReport, SweepReport};
 use crate::local::{Local, Settings};
 
 /// Builds a [`MemoryStore`].
@@ -72,20 +69,9 @@ impl MemoryStore {
 }
 
 impl MediaStore for MemoryStore {
+    crate::local::local_lookups!();
     async fn store(&self, path: &Path, meta: &MediaMeta, scope: &str) -> Result<MediaRef> {
         Ok(self.local.store(path, meta, scope, None)?.value)
-    }
-
-    async fn resolve(&self, media_ref: MediaRef) -> Result<Arc<Path>> {
-        Ok(self.local.core.resolve(media_ref)?.path.clone())
-    }
-
-    async fn resolve_with_meta(&self, media_ref: MediaRef) -> Result<Arc<Resolved>> {
-        self.local.core.resolve(media_ref)
-    }
-
-    async fn open(&self, media_ref: MediaRef) -> Result<(File, Arc<Resolved>)> {
-        self.local.open(media_ref)
     }
 
     async fn retain(&self, media_ref: MediaRef, scope: &str) -> Result<()> {
@@ -109,26 +95,5 @@ impl MediaStore for MemoryStore {
         self.local
             .sweep(|batch| std::future::ready(Ok(batch.value)))
             .await
-    }
-
-    async fn scopes_of(&self, media_ref: MediaRef) -> Result<Vec<String>> {
-        self.local.core.scopes_of(media_ref)
-    }
-
-    async fn refs_in(&self, scope: &str) -> Result<Vec<MediaRef>> {
-        self.local.core.refs_in(scope)
-    }
-
-    async fn file_status(&self, path: &Path) -> Result<Option<FileStatus>> {
-        let st = fsops::stat_for_store(path)?;
-        Ok(self.local.core.file_status(st.key))
-    }
-
-    async fn stats(&self) -> Result<Stats> {
-        Ok(self.local.core.stats())
-    }
-
-    fn expiry_configured(&self) -> bool {
-        self.local.core.expiry_configured()
     }
 }

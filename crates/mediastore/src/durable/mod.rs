@@ -29,8 +29,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use mediastore_core::{
-    CleanupPolicy, Core, Deletion, Dropped, Error, Expiry, FileKey, FileStatus, MediaMeta,
-    MediaRef, Registration, Resolved, Result, Timestamp,
+    CleanupPolicy, Core, Deletion, Dropped, Error, Expiry, FileKey, MediaMeta, MediaRef,
+    Registration, Resolved, Result, Timestamp,
 };
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
@@ -40,7 +40,7 @@ pub use index::FORMAT_VERSION;
 pub use ingest::{decide_content_type, sanitize_filename};
 pub use journal::JournalStats;
 
-use crate::api::{MediaStore, ReleaseReport, Stats, SweepReport};
+use crate::api::{MediaStore, ReleaseReport, SweepReport};
 use crate::fsops::{self, Deleted};
 use crate::local::{Local, Op, Settings};
 use journal::SqliteJournal;
@@ -1511,22 +1511,11 @@ fn restore(
 }
 
 impl MediaStore for DurableStore {
+    crate::local::local_lookups!();
     async fn store(&self, path: &Path, meta: &MediaMeta, scope: &str) -> Result<MediaRef> {
         let p = self.local.store(path, meta, scope, None)?;
         self.journal.wait(p.seq).await?;
         Ok(p.value)
-    }
-
-    async fn resolve(&self, media_ref: MediaRef) -> Result<Arc<Path>> {
-        Ok(self.local.core.resolve(media_ref)?.path.clone())
-    }
-
-    async fn resolve_with_meta(&self, media_ref: MediaRef) -> Result<Arc<Resolved>> {
-        self.local.core.resolve(media_ref)
-    }
-
-    async fn open(&self, media_ref: MediaRef) -> Result<(File, Arc<Resolved>)> {
-        self.local.open(media_ref)
     }
 
     async fn retain(&self, media_ref: MediaRef, scope: &str) -> Result<()> {
@@ -1558,27 +1547,6 @@ impl MediaStore for DurableStore {
         self.local
             .sweep(|batch| self.drop_and_delete(batch.value, batch.seq))
             .await
-    }
-
-    async fn scopes_of(&self, media_ref: MediaRef) -> Result<Vec<String>> {
-        self.local.core.scopes_of(media_ref)
-    }
-
-    async fn refs_in(&self, scope: &str) -> Result<Vec<MediaRef>> {
-        self.local.core.refs_in(scope)
-    }
-
-    async fn file_status(&self, path: &Path) -> Result<Option<FileStatus>> {
-        let st = fsops::stat_for_store(path)?;
-        Ok(self.local.core.file_status(st.key))
-    }
-
-    async fn stats(&self) -> Result<Stats> {
-        Ok(self.local.core.stats())
-    }
-
-    fn expiry_configured(&self) -> bool {
-        self.local.core.expiry_configured()
     }
 }
 
