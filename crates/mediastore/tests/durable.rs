@@ -798,3 +798,44 @@ fn a_closed_store_refuses_changes_without_making_them() {
     });
     assert!(p.exists());
 }
+
+/// The index is read through URI filenames at open: a data dir whose name
+/// holds URI syntax (`?`, `#`, `%`) must still come back whole.
+#[test]
+fn a_data_dir_named_with_uri_syntax_reopens_whole() {
+    let d = dirs();
+    let data = d._tmp.path().join("we?ird#dir%41 x");
+    let clock = ManualClock::new(epoch());
+    let open = || {
+        DurableStore::builder(&data)
+            .owned_root(&d.owned)
+            .clock(clock.clone())
+            .open()
+            .expect("open")
+    };
+    let store = open();
+    let report = block_on(put(&store, b"uri bytes", "chat:1"));
+    let kept = d.owned.join("kept.txt");
+    fs::write(&kept, b"kept").unwrap();
+    let stored = block_on(store.store(&kept, &meta("kept.txt"), "chat:2")).unwrap();
+    block_on(store.retain(stored, "session:1")).unwrap();
+    drop(store);
+
+    let store = open();
+    assert_eq!(store.open_report().refs, 2);
+    let (mut file, _) = block_on(store.open(report.media_ref)).unwrap();
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes).unwrap();
+    assert_eq!(bytes, b"uri bytes");
+    assert_eq!(
+        block_on(store.scopes_of(stored)).unwrap(),
+        vec!["chat:2".to_string(), "session:1".to_string()]
+    );
+    // Nothing of the index was left behind by the readers.
+    let leftovers: Vec<_> = fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with("-shm"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -543,7 +543,7 @@ impl DurableStore {
 
         let index_path = data_dir.join(INDEX_FILE);
         let conn = index::open(&index_path)?;
-        let snap = index::load(&index_path, &conn)?;
+        let (snap, conn) = index::load_parallel(&index_path, conn)?;
 
         // The managed dir is always an owned root.
         let local = b.settings.into_local(std::slice::from_ref(&blobs), true)?;
