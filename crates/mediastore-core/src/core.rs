@@ -541,6 +541,23 @@ impl Core {
         }
     }
 
+    /// Makes room for `refs` more refs and `scopes` more scopes, spread
+    /// evenly over the shards, so that a bulk load (an engine restoring
+    /// its index at open) does not rehash its tables as they grow.
+    pub fn reserve(&self, refs: usize, scopes: usize) {
+        let per_shard = refs.div_ceil(REF_SHARDS);
+        for shard in self.refs.iter() {
+            let mut shard = shard.0.write();
+            let RefShard { slab, index, .. } = &mut *shard;
+            slab.reserve(per_shard);
+            index.reserve(per_shard, |&slot| ref_hash(slab[slot as usize].entry.id));
+        }
+        let per_part = scopes.div_ceil(SCOPE_PARTS);
+        for part in self.scopes.iter() {
+            part.0.lock().map.0.reserve(per_part, |r| r.hash);
+        }
+    }
+
     /// A ticket to read before stat'ing a file that is about to be
     /// registered. A file can be stat'ed, then lose its last ref, be unlinked
     /// and be forgotten, all before the registration reaches the core; the

@@ -652,6 +652,12 @@ enum Op {
         ino: u64,
         failed: bool,
     },
+    /// `reserve`: a capacity hint, which must change nothing observable
+    /// (the live entries are rehashed into the grown tables).
+    Reserve {
+        refs: usize,
+        scopes: usize,
+    },
 }
 
 fn expiry() -> impl Strategy<Value = Expiry> {
@@ -709,6 +715,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(pick, failed)| Op::Finish { pick, failed }),
         1 => Just(Op::Retry),
         1 => (0..FILES, any::<bool>()).prop_map(|(ino, failed)| Op::SpuriousFinish { ino, failed }),
+        1 => (0..5000usize, 0..500usize).prop_map(|(refs, scopes)| Op::Reserve { refs, scopes }),
     ]
 }
 
@@ -804,6 +811,10 @@ fn apply(core: &Core, m: &mut Model, op: &Op) -> TestResult {
             prop_assert_eq!(got, m.touch(SCOPES[*scope]), "touch count");
         }
         Op::Advance(by) => m.now += by,
+        Op::Reserve { refs, scopes } => {
+            core.reserve(*refs, *scopes);
+            core.check_invariants().map_err(TestCaseError::fail)?;
+        }
         Op::Expire { budget } => {
             let mut total = Dropped::default();
             for round in 0.. {

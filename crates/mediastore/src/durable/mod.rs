@@ -1376,6 +1376,7 @@ fn restore(
     // thread that retains it elsewhere first waits for that. Waits only
     // ever point to an earlier hold, which its thread has passed or will
     // reach without waiting on us, so they end.
+    core.reserve(refs.len(), snap.scopes.len());
     let mut first = vec![u32::MAX; refs.len()];
     for (k, h) in snap.holds.iter().enumerate() {
         let i = h.row as usize;
