@@ -177,6 +177,17 @@ pub struct FileStatus {
     pub state: FileState,
 }
 
+/// One hold on a ref, as [`Core::holds_of`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HoldInfo {
+    /// The holding scope.
+    pub scope: String,
+    /// When the hold was made or last renewed (`retain`, `touch`).
+    pub renewed_at: Timestamp,
+    /// When it expires; `None` when the scope's holds never do.
+    pub expires_at: Option<Timestamp>,
+}
+
 /// Counters for tests, tools and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct CoreStats {
@@ -1032,6 +1043,64 @@ impl Core {
         out.sort();
         out.dedup();
         Ok(out)
+    }
+
+    /// The holds on a ref, by scope name (sorted): when each was made or
+    /// last renewed, and when it expires (`None`: never).
+    pub fn holds_of(&self, id: MediaRef) -> Result<Vec<HoldInfo>> {
+        let shard_no = ref_shard(id);
+        // Names first, under the ref's shard lock alone: scope partitions
+        // are locked before ref shards, never after.
+        let (slot, names) = {
+            let shard = self.refs[shard_no].0.read();
+            let Some(slot) = shard.find(id) else {
+                return Err(Error::UnknownRef(id));
+            };
+            let names: Vec<ScopeName> = shard.slab[slot].holders.to_vec();
+            (slot, names)
+        };
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let (part, hash) = self.part(&name);
+            let part = part.lock();
+            let Some(rec) = part.map.get(hash, &name) else {
+                continue;
+            };
+            let hold = rec.holds.iter().find(|h| {
+                handle_parts(h.handle) == (shard_no, slot)
+                    && self.refs[shard_no]
+                        .0
+                        .read()
+                        .slab
+                        .get(slot)
+                        .map(|r| r.entry.id)
+                        == Some(id)
+            });
+            if let Some(h) = hold {
+                let made_at = h.made_at;
+                out.push(HoldInfo {
+                    scope: name.to_string(),
+                    renewed_at: Timestamp(made_at.max(rec.touched_at)),
+                    expires_at: rec.hold_deadline(h).map(Timestamp),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.scope.cmp(&b.scope));
+        out.dedup_by(|a, b| a.scope == b.scope);
+        Ok(out)
+    }
+
+    /// How long holds of `scope` live, as configured now (`None`: they
+    /// never expire).
+    pub fn max_age_of(&self, scope: &str) -> Result<Option<Duration>> {
+        validate_scope(scope)?;
+        let (part, hash) = self.part(scope);
+        let part = part.lock();
+        let nanos = match part.map.get(hash, scope) {
+            Some(rec) => rec.max_age,
+            None => self.expiry_for(&part.overrides, scope),
+        };
+        Ok(nanos.map(Duration::from_nanos))
     }
 
     /// The refs a scope holds, oldest hold first. Unknown scope: empty.

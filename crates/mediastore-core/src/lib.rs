@@ -43,7 +43,7 @@ mod error;
 mod types;
 
 pub use crate::core::{
-    Core, CoreConfig, CoreStats, DeleteOutcome, Deletion, Dropped, FileState, FileStatus,
+    Core, CoreConfig, CoreStats, DeleteOutcome, Deletion, Dropped, FileState, FileStatus, HoldInfo,
     Registration, Resolved,
 };
 pub use crate::error::{Error, Result};

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use mediastore_core::{
     CleanupPolicy, Core, CoreConfig, CoreStats, DeleteOutcome, Deletion, Dropped, Error, Expiry,
-    FileKey, FileState, FileStatus, MediaMeta, MediaRef, Registration, ScopeRule, Timestamp,
+    FileKey, FileState, FileStatus, HoldInfo, MediaMeta, MediaRef, Registration, ScopeRule,
+    Timestamp,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -558,6 +559,22 @@ fn check_all(core: &Core, m: &Model) -> TestResult {
                     .scopes_of(id)
                     .map_err(|e| TestCaseError::fail(format!("scopes_of {id}: {e}")))?;
                 prop_assert_eq!(scopes, m.holders(id), "scopes_of {}", id);
+                let holds = core
+                    .holds_of(id)
+                    .map_err(|e| TestCaseError::fail(format!("holds_of {id}: {e}")))?;
+                let want: Vec<HoldInfo> = m
+                    .scopes
+                    .iter()
+                    .filter_map(|(name, s)| {
+                        let h = s.holds.iter().find(|h| h.0 == id)?;
+                        Some(HoldInfo {
+                            scope: name.clone(),
+                            renewed_at: Timestamp(h.1.max(s.touched)),
+                            expires_at: m.deadline(name, h.1).map(Timestamp),
+                        })
+                    })
+                    .collect();
+                prop_assert_eq!(holds, want, "holds_of {}", id);
             }
             None => {
                 prop_assert!(
@@ -566,6 +583,7 @@ fn check_all(core: &Core, m: &Model) -> TestResult {
                     id
                 );
                 prop_assert!(matches!(core.scopes_of(id), Err(Error::UnknownRef(_))));
+                prop_assert!(matches!(core.holds_of(id), Err(Error::UnknownRef(_))));
             }
         }
     }
@@ -578,6 +596,12 @@ fn check_all(core: &Core, m: &Model) -> TestResult {
         // Time never goes back here and a renewed hold moves to the back, so
         // the order is exact even for holds made at the same instant.
         prop_assert_eq!(core.refs_in(scope).unwrap(), want, "refs_in({})", scope);
+        prop_assert_eq!(
+            core.max_age_of(scope).unwrap(),
+            m.max_age(scope).map(Duration::from_nanos),
+            "max_age_of({})",
+            scope
+        );
     }
     prop_assert_eq!(core.stats(), m.stats(), "stats");
     prop_assert_eq!(

@@ -72,7 +72,7 @@ pub use durable::{
     OrphanReport, PutLimits, PutReport, Quotas, decide_content_type, sanitize_filename,
 };
 pub use mediastore_core::{
-    CleanupPolicy, DeleteOutcome, Error, Expiry, FileKey, FileState, FileStatus, MediaMeta,
-    MediaRef, Resolved, Result, ScopeRule, Timestamp, validate_scope,
+    CleanupPolicy, DeleteOutcome, Error, Expiry, FileKey, FileState, FileStatus, HoldInfo,
+    MediaMeta, MediaRef, Resolved, Result, ScopeRule, Timestamp, validate_scope,
 };
 pub use memory::{MemoryStore, MemoryStoreBuilder};
