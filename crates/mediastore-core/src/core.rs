@@ -1103,6 +1103,22 @@ impl Core {
         Ok(nanos.map(Duration::from_nanos))
     }
 
+    /// Every scope with at least one hold, and how many it has, sorted by
+    /// name.
+    pub fn scope_list(&self) -> Vec<(String, usize)> {
+        let mut out = Vec::new();
+        for part in self.scopes.iter() {
+            let part = part.0.lock();
+            out.extend(
+                part.map
+                    .values()
+                    .map(|r| (r.name.to_string(), r.holds.len())),
+            );
+        }
+        out.sort();
+        out
+    }
+
     /// The refs a scope holds, oldest hold first. Unknown scope: empty.
     pub fn refs_in(&self, scope: &str) -> Result<Vec<MediaRef>> {
         validate_scope(scope)?;

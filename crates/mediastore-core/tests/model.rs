@@ -603,6 +603,14 @@ fn check_all(core: &Core, m: &Model) -> TestResult {
             scope
         );
     }
+    prop_assert_eq!(
+        core.scope_list(),
+        m.scopes
+            .iter()
+            .map(|(name, s)| (name.clone(), s.holds.len()))
+            .collect::<Vec<_>>(),
+        "scope_list"
+    );
     prop_assert_eq!(core.stats(), m.stats(), "stats");
     prop_assert_eq!(
         core.deletion_ticket(),

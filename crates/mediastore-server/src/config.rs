@@ -274,7 +274,10 @@ impl Config {
                 .entry(section.clone())
                 .or_insert_with(|| toml::Value::Table(toml::Table::new()));
             let Some(section) = section.as_table_mut() else {
-                return Err(invalid(Some(&name), format!("[{}] is not a section", parts[0])));
+                return Err(invalid(
+                    Some(&name),
+                    format!("[{}] is not a section", parts[0]),
+                ));
             };
             section.insert(key.clone(), env_value(&value));
         }
@@ -397,7 +400,10 @@ mod tests {
                 ("MEDIASTORE__STORE__MAX_OBJECT_SIZE", "50MiB"),
                 ("MEDIASTORE__CLEANER__ENABLED", "false"),
                 ("MEDIASTORE__CLEANER__MAX_AGE", "7d"),
-                ("MEDIASTORE__SERVER__TOKENS", "0123456789abcdef0,fedcba98765432100"),
+                (
+                    "MEDIASTORE__SERVER__TOKENS",
+                    "0123456789abcdef0,fedcba98765432100",
+                ),
                 ("UNRELATED", "x"),
             ],
             &Overrides::default(),

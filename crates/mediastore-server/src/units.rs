@@ -76,7 +76,12 @@ impl ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+        const UNITS: [(&str, u64); 4] = [
+            ("TiB", 1 << 40),
+            ("GiB", 1 << 30),
+            ("MiB", 1 << 20),
+            ("KiB", 1 << 10),
+        ];
         for (name, size) in UNITS {
             if self.0 >= size && self.0 % size == 0 {
                 return write!(f, "{}{name}", self.0 / size);
@@ -135,9 +140,18 @@ mod tests {
 
     #[test]
     fn durations_parse_with_units() {
-        assert_eq!(HumanDuration::parse("30m").unwrap().0, Duration::from_secs(1800));
-        assert_eq!(HumanDuration::parse("7d").unwrap().0, Duration::from_secs(7 * 86400));
-        assert_eq!(HumanDuration::parse("1h 30m").unwrap().0, Duration::from_secs(5400));
+        assert_eq!(
+            HumanDuration::parse("30m").unwrap().0,
+            Duration::from_secs(1800)
+        );
+        assert_eq!(
+            HumanDuration::parse("7d").unwrap().0,
+            Duration::from_secs(7 * 86400)
+        );
+        assert_eq!(
+            HumanDuration::parse("1h 30m").unwrap().0,
+            Duration::from_secs(5400)
+        );
         assert!(HumanDuration::parse("soon").is_err());
         assert!(HumanDuration::parse("30").is_err());
     }

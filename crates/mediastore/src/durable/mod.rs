@@ -631,6 +631,14 @@ impl DurableStore {
         (name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit())).then(|| name.to_string())
     }
 
+    /// Fails when the store takes no changes: it is closing, or a commit
+    /// failed (disk full, read-only file system) and it must be reopened.
+    /// A cheap check for readiness probes.
+    pub fn check_writable(&self) -> Result<()> {
+        use crate::local::Journal;
+        self.journal.check()
+    }
+
     /// Commits everything queued and closes the index. Later changes fail;
     /// dropping the store does the same.
     pub fn close(&self) -> Result<()> {

@@ -1,0 +1,725 @@
+//! The HTTP API: routes, auth, request accounting and the handlers.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime};
+
+use axum::body::Body;
+use axum::extract::{FromRequest, MatchedPath, Query, Request, State};
+use axum::handler::Handler;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, on};
+use axum::{Json, Router};
+use futures_util::TryStreamExt;
+use mediastore::{
+    CleanupPolicy, DurableStore, HoldInfo, MediaMeta, MediaRef, MediaStore, PutLimits, Resolved,
+    Timestamp,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::{ReaderStream, StreamReader};
+
+use crate::content::{self, Want};
+use crate::error::{ApiError, code_for_status};
+use crate::metrics::Metrics;
+
+/// Bytes per chunk of a download: large enough that a big file goes out in
+/// few system calls, small enough to keep memory flat.
+const DOWNLOAD_CHUNK: usize = 256 << 10;
+
+/// Routes that answer without a token (probes).
+const OPEN_PATHS: [&str; 2] = ["/healthz", "/readyz"];
+
+/// What every handler shares.
+pub struct AppState {
+    /// The store.
+    pub store: Arc<DurableStore>,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// False once shutdown began: `/readyz` then fails.
+    pub ready: AtomicBool,
+    tokens: Vec<String>,
+    /// Canonical dirs under which files may be registered.
+    roots: Vec<PathBuf>,
+    max_object: u64,
+}
+
+impl AppState {
+    /// State for `store`. `roots` are the dirs files may be registered
+    /// from (made canonical here); `tokens` empty means no auth.
+    pub fn new(
+        store: Arc<DurableStore>,
+        metrics: Arc<Metrics>,
+        tokens: Vec<String>,
+        roots: &[PathBuf],
+        max_object: u64,
+    ) -> io::Result<Self> {
+        let roots = roots
+            .iter()
+            .map(|r| {
+                std::fs::canonicalize(r)
+                    .map_err(|e| io::Error::new(e.kind(), format!("root {}: {e}", r.display())))
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(Self {
+            store,
+            metrics,
+            ready: AtomicBool::new(true),
+            tokens,
+            roots,
+            max_object,
+        })
+    }
+}
+
+type Shared = Arc<AppState>;
+
+/// A router that remembers each (method, path) it serves, so the OpenAPI
+/// document can be checked against it.
+struct Routes {
+    router: Router<Shared>,
+    table: Vec<(&'static str, &'static str)>,
+}
+
+impl Routes {
+    fn add<H, T>(mut self, method: &'static str, path: &'static str, handler: H) -> Self
+    where
+        H: Handler<T, Shared>,
+        T: 'static,
+    {
+        let filter = match method {
+            "get" => MethodFilter::GET,
+            "head" => MethodFilter::HEAD,
+            "post" => MethodFilter::POST,
+            "delete" => MethodFilter::DELETE,
+            other => unreachable!("method {other} is not used"),
+        };
+        self.router = self.router.route(path, on(filter, handler));
+        self.table.push((method, path));
+        self
+    }
+}
+
+fn routes(metrics_on_main: bool) -> Routes {
+    let r = Routes {
+        router: Router::new(),
+        table: Vec::new(),
+    };
+    let r = r
+        .add("post", "/v1/media", upload)
+        .add("post", "/v1/media/register", register)
+        .add("get", "/v1/media/{id}", media_info)
+        .add("get", "/v1/media/{id}/content", download)
+        .add("head", "/v1/media/{id}/content", download)
+        .add("post", "/v1/media/{id}/retain", retain)
+        .add("get", "/v1/scopes", scope_list)
+        .add("get", "/v1/scopes/{scope}", scope_refs)
+        .add("delete", "/v1/scopes/{scope}", release)
+        .add("post", "/v1/scopes/{scope}/touch", touch)
+        .add("post", "/v1/gc", gc)
+        .add("get", "/v1/stats", stats)
+        .add("get", "/healthz", healthz)
+        .add("get", "/readyz", readyz)
+        .add("get", "/openapi.json", openapi);
+    if metrics_on_main {
+        r.add("get", "/metrics", metrics)
+    } else {
+        r
+    }
+}
+
+/// The (method, path) pairs the API serves; `/metrics` is among them
+/// unless it has its own listener.
+pub fn route_table(metrics_on_main: bool) -> Vec<(&'static str, &'static str)> {
+    routes(metrics_on_main).table
+}
+
+/// The API's router, with auth, request accounting and the one error
+/// shape.
+pub fn router(state: Shared, metrics_on_main: bool) -> Router {
+    routes(metrics_on_main)
+        .router
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        // Upload size is our quota, enforced while streaming; the
+        // framework's own 2 MB cap would cut off every real upload.
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// The router of a separate metrics listener: `/metrics` only, no token.
+pub fn metrics_router(state: Shared) -> Router {
+    Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Compares without leaking, through timing, how much of a token matched.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    if st.tokens.is_empty() || OPEN_PATHS.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = given.is_some_and(|t| {
+        st.tokens
+            .iter()
+            .any(|k| same_secret(k.as_bytes(), t.as_bytes()))
+    });
+    if !ok {
+        let why = if given.is_some() {
+            "wrong bearer token"
+        } else {
+            "missing bearer token (Authorization: Bearer ...)"
+        };
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", why).into_response();
+    }
+    next.run(req).await
+}
+
+/// Times and counts every request, logs one line for it, and gives any
+/// error the framework answered on its own the API's JSON shape.
+async fn observe(State(st): State<Shared>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = method_name(req.method());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_string();
+    let path = req.uri().path().to_string();
+    let mut resp = next.run(req).await;
+    let status = resp.status();
+    if status.as_u16() >= 400 && !is_json(resp.headers()) {
+        let (parts, body) = resp.into_parts();
+        let text = axum::body::to_bytes(body, 64 << 10)
+            .await
+            .unwrap_or_default();
+        let mut message = String::from_utf8_lossy(&text).trim().to_string();
+        if message.is_empty() {
+            message = status
+                .canonical_reason()
+                .unwrap_or("request failed")
+                .to_ascii_lowercase();
+        }
+        let mut fixed = ApiError::new(status, code_for_status(status), message).into_response();
+        for (name, value) in parts.headers.iter() {
+            if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+                fixed.headers_mut().insert(name, value.clone());
+            }
+        }
+        resp = fixed;
+    }
+    let took = started.elapsed();
+    st.metrics.request(&route, method, status.as_u16(), took);
+    tracing::info!(
+        method,
+        path,
+        route,
+        status = status.as_u16(),
+        micros = took.as_micros() as u64,
+        "request"
+    );
+    resp
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+fn method_name(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// A ref in a path: the bare UUID or the (percent-decoded) `media://` form.
+fn parse_ref(id: &str) -> Result<MediaRef, ApiError> {
+    Ok(MediaRef::parse_lenient(id.trim())?)
+}
+
+fn rfc3339(t: Timestamp) -> String {
+    humantime::format_rfc3339_millis(t.to_system()).to_string()
+}
+
+/// A ref's description, as every endpoint (and the CLI) returns it.
+pub fn describe(store: &DurableStore, r: &Resolved) -> Value {
+    let size = store.core().file_size(r.file);
+    json!({
+        "id": r.id.to_string(),
+        "uuid": r.id.uuid().to_string(),
+        "filename": r.meta.filename,
+        "content_type": r.meta.content_type,
+        "source": r.meta.source,
+        "policy": r.meta.policy.map(|p| p.to_string()),
+        "size": size,
+        "sha256": store.digest(r),
+        "managed": store.digest(r).is_some(),
+        "path": r.path.to_string_lossy(),
+        "stored_at": rfc3339(r.stored_at),
+    })
+}
+
+/// Holds as JSON: scope, renewed_at, expires_at.
+pub fn holds_json(holds: &[HoldInfo]) -> Value {
+    Value::Array(
+        holds
+            .iter()
+            .map(|h| {
+                json!({
+                    "scope": h.scope,
+                    "renewed_at": rfc3339(h.renewed_at),
+                    "expires_at": h.expires_at.map(rfc3339),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The description of a ref just made or retained under `scope`, with that
+/// hold's expiry.
+pub fn describe_in_scope(
+    store: &DurableStore,
+    id: MediaRef,
+    scope: &str,
+) -> Result<Value, mediastore::Error> {
+    let r = store.core().resolve(id)?;
+    let mut v = describe(store, &r);
+    let expires = store
+        .core()
+        .holds_of(id)?
+        .into_iter()
+        .find(|h| h.scope == scope)
+        .and_then(|h| h.expires_at)
+        .map(rfc3339);
+    v["scope"] = json!(scope);
+    v["expires_at"] = json!(expires);
+    Ok(v)
+}
+
+#[derive(Deserialize)]
+struct UploadQuery {
+    scope: Option<String>,
+    filename: Option<String>,
+    source: Option<String>,
+}
+
+/// A header value as text; `X-Media-Filename` may be percent-encoded
+/// UTF-8 (headers are ASCII).
+fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
+    let v = headers.get(name)?.to_str().ok()?;
+    Some(
+        percent_encoding::percent_decode_str(v)
+            .decode_utf8_lossy()
+            .into_owned(),
+    )
+}
+
+async fn upload(
+    State(st): State<Shared>,
+    Query(q): Query<UploadQuery>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let scope = q.scope.ok_or_else(|| {
+        ApiError::bad_request("the scope query parameter is required (?scope=...)")
+    })?;
+    mediastore::validate_scope(&scope)?;
+    let headers = req.headers().clone();
+    // Refused before reading a byte when the client says it is too big.
+    let declared_len = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared_len.is_some_and(|len| len > st.max_object) {
+        return Err(mediastore::Error::TooLarge {
+            limit: st.max_object,
+        }
+        .into());
+    }
+    let declared = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let mut filename = header_text(&headers, "x-media-filename").or(q.filename);
+    let source = header_text(&headers, "x-media-source")
+        .or(q.source)
+        .unwrap_or_else(|| "http".into());
+    let limits = PutLimits {
+        max_bytes: Some(st.max_object),
+    };
+    let report = if declared.starts_with("multipart/form-data") {
+        let mut form = axum::extract::Multipart::from_request(req, &())
+            .await
+            .map_err(|e| ApiError::bad_request(e.body_text()))?;
+        loop {
+            let Some(field) = form
+                .next_field()
+                .await
+                .map_err(|e| ApiError::bad_request(e.body_text()))?
+            else {
+                return Err(ApiError::bad_request(
+                    "the multipart body has no field named \"file\"",
+                ));
+            };
+            if field.name() != Some("file") {
+                continue;
+            }
+            if filename.is_none() {
+                filename = field.file_name().map(String::from);
+            }
+            let content_type = field.content_type().unwrap_or("").to_string();
+            let meta = MediaMeta::new(filename.clone().unwrap_or_default(), content_type, &source);
+            let stream = field.map_err(|e| io::Error::other(e.body_text()));
+            let reader = StreamReader::new(Box::pin(stream));
+            break st.store.put(reader, &meta, &scope, &limits).await?;
+        }
+    } else {
+        let meta = MediaMeta::new(filename.unwrap_or_default(), declared, &source);
+        let stream = req.into_body().into_data_stream().map_err(io::Error::other);
+        st.store
+            .put(StreamReader::new(stream), &meta, &scope, &limits)
+            .await?
+    };
+    let mut v = describe_in_scope(&st.store, report.media_ref, &scope)?;
+    v["deduplicated"] = json!(report.deduplicated);
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    path: PathBuf,
+    scope: String,
+    filename: Option<String>,
+    content_type: Option<String>,
+    source: Option<String>,
+    policy: Option<String>,
+}
+
+async fn register(
+    State(st): State<Shared>,
+    body: Result<Json<RegisterBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(b) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    mediastore::validate_scope(&b.scope)?;
+    let policy = b
+        .policy
+        .as_deref()
+        .map(str::parse::<CleanupPolicy>)
+        .transpose()?;
+    if !b.path.is_absolute() {
+        return Err(ApiError::bad_request("path must be absolute"));
+    }
+    // Symlinks are resolved first: what counts is where the file really is.
+    let real = tokio::fs::canonicalize(&b.path)
+        .await
+        .map_err(|e| mediastore::Error::File {
+            path: b.path.clone(),
+            source: e,
+        })?;
+    if !st.roots.iter().any(|root| real.starts_with(root)) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "outside_roots",
+            format!(
+                "{} is not under a configured root (store.owned_roots, store.shared_roots)",
+                b.path.display()
+            ),
+        ));
+    }
+    let filename = b.filename.unwrap_or_else(|| {
+        real.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    let head = read_head(&real).await;
+    let content_type =
+        mediastore::decide_content_type(&head, b.content_type.as_deref().unwrap_or(""), &filename);
+    let mut meta = MediaMeta::new(
+        filename,
+        content_type,
+        b.source.unwrap_or_else(|| "http".into()),
+    );
+    meta.policy = policy;
+    let id = st.store.store(&real, &meta, &b.scope).await?;
+    let v = describe_in_scope(&st.store, id, &b.scope)?;
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+/// The first bytes of a file, for sniffing its type; empty if unreadable.
+async fn read_head(path: &Path) -> Vec<u8> {
+    let mut head = vec![0u8; 8192];
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return Vec::new();
+    };
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..]).await {
+            Ok(0) | Err(_) => break,
+            Ok(k) => n += k,
+        }
+    }
+    head.truncate(n);
+    head
+}
+
+async fn media_info(
+    State(st): State<Shared>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_ref(&id)?;
+    let r = st.store.core().resolve(id)?;
+    let mut v = describe(&st.store, &r);
+    v["scopes"] = holds_json(&st.store.core().holds_of(id)?);
+    Ok(Json(v))
+}
+
+async fn download(
+    State(st): State<Shared>,
+    method: Method,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = parse_ref(&id)?;
+    // Opened before anything else: a release that deletes the file after
+    // this point cannot cut the download short.
+    let (file, r) = st.store.open(id).await?;
+    let meta = file.metadata().map_err(|e| mediastore::Error::File {
+        path: r.path.to_path_buf(),
+        source: e,
+    })?;
+    let size = meta.len();
+    let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+    let etag = match st.store.digest(&r) {
+        Some(sha) => format!("\"{sha}\""),
+        // A registered file has no digest: its identity and version stand in.
+        None => {
+            let nanos = modified
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            format!("\"{:x}-{:x}-{size:x}-{nanos:x}\"", r.file.ino, r.file.born)
+        }
+    };
+    let content_type = if r.meta.content_type.is_empty() {
+        "application/octet-stream".to_string()
+    } else {
+        r.meta.content_type.clone()
+    };
+    let mut builder = Response::builder()
+        .header(header::ETAG, &etag)
+        .header(header::LAST_MODIFIED, content::http_date(modified))
+        .header(header::CACHE_CONTROL, "private, immutable")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .header(header::CONTENT_SECURITY_POLICY, "sandbox");
+    let not_modified = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|inm| content::none_match(inm, &etag));
+    if not_modified {
+        return Ok(builder
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Body::empty())
+            .expect("valid response"));
+    }
+    builder = builder
+        .header(header::CONTENT_TYPE, header_value(&content_type))
+        .header(
+            header::CONTENT_DISPOSITION,
+            header_value(&content::disposition(&r.meta.filename, &content_type)),
+        );
+    // If-Range: the range only holds for the version the client has.
+    let range_ok = headers
+        .get(header::IF_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| v.trim() == etag);
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|_| range_ok);
+    let (status, start, len) = match content::parse_range(range, size) {
+        Want::Full => (StatusCode::OK, 0, size),
+        Want::Range { start, end } => {
+            builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{size}"));
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        Want::Unsatisfiable => {
+            let mut resp = ApiError::new(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "range_not_satisfiable",
+                format!("the file has {size} bytes"),
+            )
+            .into_response();
+            resp.headers_mut().insert(
+                header::CONTENT_RANGE,
+                header_value(&format!("bytes */{size}")),
+            );
+            return Ok(resp);
+        }
+    };
+    builder = builder.status(status).header(header::CONTENT_LENGTH, len);
+    if method == Method::HEAD {
+        return Ok(builder.body(Body::empty()).expect("valid response"));
+    }
+    let mut file = tokio::fs::File::from_std(file);
+    if start > 0 {
+        file.seek(io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| mediastore::Error::File {
+                path: r.path.to_path_buf(),
+                source: e,
+            })?;
+    }
+    let stream = ReaderStream::with_capacity(file.take(len), DOWNLOAD_CHUNK);
+    Ok(builder
+        .body(Body::from_stream(stream))
+        .expect("valid response"))
+}
+
+/// A header value from text that may hold anything: bytes a header cannot
+/// carry become `_`.
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or_else(|_| {
+        let clean: String = text
+            .chars()
+            .map(|c| if (' '..='~').contains(&c) { c } else { '_' })
+            .collect();
+        HeaderValue::from_str(&clean)
+            .unwrap_or_else(|_| HeaderValue::from_static("application/octet-stream"))
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScopeBody {
+    scope: String,
+}
+
+async fn retain(
+    State(st): State<Shared>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: Result<Json<ScopeBody>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_ref(&id)?;
+    let Json(b) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    st.store.retain(id, &b.scope).await?;
+    Ok(Json(describe_in_scope(&st.store, id, &b.scope)?))
+}
+
+async fn scope_refs(
+    State(st): State<Shared>,
+    axum::extract::Path(scope): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let ids = st.store.refs_in(&scope).await?;
+    let refs: Vec<Value> = ids
+        .into_iter()
+        .filter_map(|id| st.store.core().resolve(id).ok())
+        .map(|r| describe(&st.store, &r))
+        .collect();
+    Ok(Json(json!({"scope": scope, "refs": refs})))
+}
+
+async fn scope_list(State(st): State<Shared>) -> Json<Value> {
+    let scopes: Vec<Value> = st
+        .store
+        .core()
+        .scope_list()
+        .into_iter()
+        .map(|(scope, holds)| json!({"scope": scope, "holds": holds}))
+        .collect();
+    Json(json!({"scopes": scopes}))
+}
+
+async fn release(
+    State(st): State<Shared>,
+    axum::extract::Path(scope): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let report = st.store.release_all(&scope).await?;
+    let mut v = serde_json::to_value(&report).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    v["scope"] = json!(scope);
+    Ok(Json(v))
+}
+
+async fn touch(
+    State(st): State<Shared>,
+    axum::extract::Path(scope): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let holds = st.store.touch(&scope).await?;
+    Ok(Json(json!({"scope": scope, "holds": holds})))
+}
+
+async fn gc(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
+    let report = st.store.clean_expired().await;
+    st.metrics.sweep(report.as_ref().ok());
+    let report = report?;
+    Ok(Json(
+        serde_json::to_value(&report).map_err(|e| ApiError::bad_request(e.to_string()))?,
+    ))
+}
+
+async fn stats(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
+    let s = st.store.stats().await?;
+    let mut v = serde_json::to_value(&s).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    v["managed_bytes"] = json!(st.store.managed_bytes());
+    v["index_commits"] = json!(st.store.journal_stats().commits);
+    v["data_dir"] = json!(st.store.data_dir().to_string_lossy());
+    Ok(Json(v))
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
+    if !st.ready.load(Ordering::Acquire) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        ));
+    }
+    st.store.check_writable()?;
+    Ok(Json(json!({"status": "ready"})))
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::document().to_string(),
+    )
+        .into_response()
+}
+
+async fn metrics(State(st): State<Shared>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(&st.store),
+    )
+        .into_response()
+}
