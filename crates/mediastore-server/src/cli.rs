@@ -76,7 +76,7 @@ pub enum Command {
     },
     /// Write a ref's bytes to a file (-o) or standard output.
     Get {
-        /// The ref (media://<uuid> or the bare uuid).
+        /// The ref (media://UUID, or the bare UUID).
         reference: String,
         /// Output file (default: standard output).
         #[arg(short, long)]
@@ -188,7 +188,7 @@ pub fn run(cli: &Cli) -> Result<(), CliError> {
         };
         let config = Config::load(cli.config.as_deref(), std::env::vars(), &overrides)
             .map_err(|e| CliError::usage(e.to_string()))?;
-        Backend::Local(Local::open(&config)?)
+        Backend::Local(Box::new(Local::open(&config)?))
     };
     let out = match &cli.command {
         Command::Serve(_) => unreachable!("serve is run by main"),
@@ -353,7 +353,7 @@ fn parse_ref(text: &str) -> Result<MediaRef, CliError> {
 
 enum Backend {
     Remote(Remote),
-    Local(Local),
+    Local(Box<Local>),
 }
 
 impl Backend {
