@@ -382,6 +382,14 @@ fn multipart_uploads_and_registered_files() {
     let r = reg(s.path("owned/a.jpg"), json!({"unknown": 1}));
     assert_eq!((r.status, r.code().as_str()), (400, "bad_request"));
 
+    // A registered file removed behind the store's back: 410 on download.
+    std::fs::write(s.path("owned/gone.bin"), b"soon gone").unwrap();
+    let r = reg(s.path("owned/gone.bin"), json!({}));
+    let gone = r.json()["uuid"].as_str().unwrap().to_string();
+    std::fs::remove_file(s.path("owned/gone.bin")).unwrap();
+    let r = get(&format!("{}/v1/media/{gone}/content", s.url), &[]);
+    assert_eq!((r.status, r.code().as_str()), (410, "file_vanished"));
+
     // Releasing deletes the owned file, keeps the shared one.
     let r = delete(&format!("{}/v1/scopes/chat:3", s.url)).json();
     assert_eq!(r["files_deleted"], 1, "{r}");
@@ -510,6 +518,17 @@ fn bad_input_gets_its_status_and_changes_nothing() {
             .starts_with(s.path("data/blobs").to_str().unwrap())
     );
     delete(&format!("{}/v1/scopes/chat:9", s.url));
+    // A scope is a name, never a path: one full of traversal lands in the
+    // managed dir like any other.
+    let m = upload(&s, "..%2F..%2F..%2Ftmp", "x.bin", b"scoped");
+    assert_eq!(m["scope"], "../../../tmp");
+    assert!(
+        m["path"]
+            .as_str()
+            .unwrap()
+            .starts_with(s.path("data/blobs").to_str().unwrap())
+    );
+    delete(&format!("{}/v1/scopes/..%2F..%2F..%2Ftmp", s.url));
     // Streamed without a length: cut off at the cap while streaming, and
     // nothing left behind.
     let chunks = std::iter::repeat_n(vec![1u8; 16 << 10], 16)
@@ -524,6 +543,23 @@ fn bad_input_gets_its_status_and_changes_nothing() {
     assert_eq!((r.status, r.code().as_str()), (413, "too_large"));
     assert_eq!(stats(&s), before);
     assert_eq!(managed_files(&s), files_before);
+}
+
+#[test]
+fn full_quotas_answer_507_and_keep_nothing() {
+    let s = Server::start(
+        "[store]\nmax_scope_bytes = \"1KiB\"\nmax_total_bytes = \"3KiB\"\n",
+        &[],
+    );
+    upload(&s, "a", "one.bin", &[1u8; 1000]);
+    let r = post(&format!("{}/v1/media?scope=a", s.url), &[], &[2u8; 100]);
+    assert_eq!((r.status, r.code().as_str()), (507, "quota_exceeded"));
+    upload(&s, "b", "two.bin", &[3u8; 1000]);
+    upload(&s, "c", "three.bin", &[4u8; 1000]);
+    let before = managed_files(&s);
+    let r = post(&format!("{}/v1/media?scope=d", s.url), &[], &[5u8; 500]);
+    assert_eq!((r.status, r.code().as_str()), (507, "quota_exceeded"));
+    assert_eq!(managed_files(&s), before);
 }
 
 #[test]
