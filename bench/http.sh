@@ -148,3 +148,11 @@ code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -T "$work/huge.bin" \
 [ "$code" = 201 ] || { echo "1 GiB upload failed: $code" >&2; exit 1; }
 peak_kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$ms_pid/status")
 echo "{\"bench\":\"http_upload_rss\",\"file_bytes\":$big,\"rss_before_mib\":$(awk -v k="$before_kb" 'BEGIN { printf "%.1f", k / 1024 }'),\"peak_rss_mib\":$(awk -v k="$peak_kb" 'BEGIN { printf "%.1f", k / 1024 }'),\"limit_mib\":64}"
+
+# --- peak RSS during a download of the same file
+echo 5 >"/proc/$ms_pid/clear_refs" 2>/dev/null || true
+huge_id="$(curl -s "$ms/v1/scopes/huge" | sed -E 's/.*"uuid":"([^"]+)".*/\1/')"
+code=$(curl -s -o /dev/null -w '%{http_code}' "$ms/v1/media/$huge_id/content")
+[ "$code" = 200 ] || { echo "1 GiB download failed: $code" >&2; exit 1; }
+peak_kb=$(awk '/^VmHWM:/ {print $2}' "/proc/$ms_pid/status")
+echo "{\"bench\":\"http_download_rss\",\"file_bytes\":$big,\"peak_rss_mib\":$(awk -v k="$peak_kb" 'BEGIN { printf "%.1f", k / 1024 }'),\"limit_mib\":64}"

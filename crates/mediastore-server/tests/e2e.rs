@@ -573,6 +573,12 @@ fn tokens_guard_everything_but_the_probes() {
     assert_eq!(r.status, 401);
     let r = get(&url, &[("Authorization", &format!("Bearer {TOKEN}"))]);
     assert_eq!(r.status, 200);
+    let r = get(&url, &[("Authorization", &format!("bearer {TOKEN}"))]);
+    assert_eq!(r.status, 200);
+    let r = get(&url, &[("Authorization", &format!("Basic {TOKEN}"))]);
+    assert_eq!(r.status, 401);
+    let r = get(&url, &[("Authorization", &format!("Bearer {TOKEN}x"))]);
+    assert_eq!(r.status, 401);
     let r = post(&format!("{}/v1/media?scope=a", s.url), &[], b"x");
     assert_eq!(r.status, 401);
     assert_eq!(get(&format!("{}/metrics", s.url), &[]).status, 401);
