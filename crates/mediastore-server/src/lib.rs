@@ -34,6 +34,7 @@ pub mod cli;
 pub mod config;
 pub mod content;
 pub mod error;
+pub mod logging;
 pub mod metrics;
 pub mod openapi;
 pub mod serve;

@@ -35,7 +35,7 @@ fn serve_main(cli: &Cli, args: &cli::ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config.log.level);
+    let _flush_logs = mediastore_server::logging::init(&config.log.level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -74,21 +74,4 @@ fn serve_main(cli: &Cli, args: &cli::ServeArgs) -> ExitCode {
             ExitCode::from(if in_use { 6 } else { 1 })
         }
     }
-}
-
-fn init_logging(level: &str) {
-    use tracing_subscriber::filter::Targets;
-    use tracing_subscriber::prelude::*;
-    let filter: Targets = level.parse().unwrap_or_else(|e| {
-        eprintln!("mediastore: log.level {level:?} is not understood ({e}); using info");
-        Targets::new().with_default(tracing::Level::INFO)
-    });
-    tracing_subscriber::registry()
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
-        .with(filter)
-        .init();
 }
