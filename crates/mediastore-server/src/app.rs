@@ -358,6 +358,11 @@ async fn upload(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared_len.is_some_and(|len| len > st.max_object) {
+        // With `Expect: 100-continue` (curl sends it for big bodies) the
+        // client has sent nothing yet, and never will.
+        let mut body =
+            StreamReader::new(req.into_body().into_data_stream().map_err(io::Error::other));
+        linger(&mut body).await;
         return Err(mediastore::Error::TooLarge {
             limit: st.max_object,
         }
@@ -403,14 +408,38 @@ async fn upload(
         }
     } else {
         let meta = MediaMeta::new(filename.unwrap_or_default(), declared, &source);
-        let stream = req.into_body().into_data_stream().map_err(io::Error::other);
-        st.store
-            .put(StreamReader::new(stream), &meta, &scope, &limits)
-            .await?
+        let mut body =
+            StreamReader::new(req.into_body().into_data_stream().map_err(io::Error::other));
+        match st.store.put(&mut body, &meta, &scope, &limits).await {
+            Ok(report) => report,
+            Err(e) => {
+                linger(&mut body).await;
+                return Err(e.into());
+            }
+        }
     };
     let mut v = describe_in_scope(&st.store, report.media_ref, &scope)?;
     v["deduplicated"] = json!(report.deduplicated);
     Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+/// Most of a refused upload read and thrown away before answering.
+const LINGER_BYTES: u64 = 16 << 20;
+/// Longest time spent doing so.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and discards what is left of a refused upload (bounded in bytes
+/// and time) before the error goes out. A client that sends its whole body
+/// before reading the answer then gets the answer, not a reset connection;
+/// nginx's lingering close does the same. Beyond the bound the connection
+/// is closed.
+async fn linger(body: &mut (impl tokio::io::AsyncRead + Unpin)) {
+    let mut rest = body.take(LINGER_BYTES);
+    let _ = tokio::time::timeout(
+        LINGER_TIME,
+        tokio::io::copy(&mut rest, &mut tokio::io::sink()),
+    )
+    .await;
 }
 
 #[derive(Deserialize)]
