@@ -498,9 +498,90 @@ async fn register(
         b.source.unwrap_or_else(|| "http".into()),
     );
     meta.policy = policy;
-    let id = st.store.store(&real, &meta, &b.scope).await?;
+    let id = register_beneath(&st, &real, &meta, &b.scope).await?;
     let v = describe_in_scope(&st.store, id, &b.scope)?;
     Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+/// Registers `real` (canonical, under a root) so that what gets registered
+/// is the file that was inside the root. Between the check and the store's
+/// own `stat`, a directory on the path could be swapped for a symlink to
+/// somewhere else. So the file is first opened beneath its root (the
+/// kernel refuses to leave it: `openat2(RESOLVE_BENEATH)`), the ref is made
+/// under a private scope, and only if the registered file is the opened
+/// one does the ref move to the caller's scope; otherwise it is released
+/// and the request refused.
+async fn register_beneath(
+    st: &AppState,
+    real: &Path,
+    meta: &MediaMeta,
+    scope: &str,
+) -> Result<MediaRef, ApiError> {
+    let outside = || {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "outside_roots",
+            format!(
+                "{} is not under a configured root (store.owned_roots, store.shared_roots)",
+                real.display()
+            ),
+        )
+    };
+    let (root, rel) = st
+        .roots
+        .iter()
+        .find_map(|root| Some((root.clone(), real.strip_prefix(root).ok()?.to_path_buf())))
+        .ok_or_else(outside)?;
+    let opened = tokio::task::spawn_blocking(move || identity_beneath(&root, &rel))
+        .await
+        .map_err(|e| mediastore::Error::io("checking a registered file", io::Error::other(e)))?;
+    let want = match opened {
+        Ok(key) => key,
+        // An older kernel: the canonical path's check is all there is.
+        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOSYS.raw_os_error()) => {
+            return Ok(st.store.store(real, meta, scope).await?);
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(mediastore::Error::File {
+                path: real.to_path_buf(),
+                source: e,
+            }
+            .into());
+        }
+        // EXDEV: the path left the root while we looked.
+        Err(_) => return Err(outside()),
+    };
+    let private = format!("mediastore:register:{}", uuid::Uuid::new_v4());
+    let id = st.store.store(real, meta, &private).await?;
+    let got = st.store.core().resolve(id)?.file;
+    let moved = if (got.dev, got.ino) == want {
+        st.store.retain(id, scope).await.map_err(ApiError::from)
+    } else {
+        Err(outside())
+    };
+    // The private scope holds only this ref.
+    st.store.release_all(&private).await?;
+    moved.map(|()| id)
+}
+
+/// The device and inode of the file at `rel` beneath `root`, opened
+/// without ever leaving `root` (symlinks included).
+fn identity_beneath(root: &Path, rel: &Path) -> io::Result<(u64, u64)> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let dir = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let fd = rustix::fs::openat2(
+        &dir,
+        rel,
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    )?;
+    let st = rustix::fs::fstat(&fd)?;
+    Ok((st.st_dev, st.st_ino))
 }
 
 /// The first bytes of a file, for sniffing its type; empty if unreadable.

@@ -816,3 +816,70 @@ fn the_cli_works_against_a_server_and_on_a_data_dir() {
     let data = dir.path().join("data");
     cli_script(&["--data-dir", data.to_str().unwrap()], &[], dir.path());
 }
+
+/// A directory on a registered path swapped for a symlink to outside the
+/// roots, back and forth, while registrations run: every registration that
+/// succeeds must be of the file inside the root, never the one outside.
+#[test]
+fn register_cannot_be_raced_outside_the_roots() {
+    let s = Server::start("[store]\nowned_roots = [\"owned\"]\n", &[]);
+    std::fs::create_dir_all(s.path("owned/dir")).unwrap();
+    std::fs::write(s.path("owned/dir/file.txt"), b"inside").unwrap();
+    std::fs::create_dir_all(s.path("outside")).unwrap();
+    std::fs::write(s.path("outside/file.txt"), b"OUTSIDE").unwrap();
+    std::os::unix::fs::symlink(s.path("outside"), s.path("owned/alt")).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (stop, dir, alt) = (stop.clone(), s.path("owned/dir"), s.path("owned/alt"));
+        std::thread::spawn(move || {
+            let mut swaps = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &dir,
+                    rustix::fs::CWD,
+                    &alt,
+                    rustix::fs::RenameFlags::EXCHANGE,
+                )
+                .unwrap();
+                swaps += 1;
+            }
+            swaps
+        })
+    };
+    let (mut ok, mut refused) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        let r = post_json(
+            &format!("{}/v1/media/register", s.url),
+            json!({"path": s.path("owned/dir/file.txt"), "scope": "race", "policy": "forget_only"}),
+        );
+        match r.status {
+            201 => {
+                ok += 1;
+                let uuid = r.json()["uuid"].as_str().unwrap().to_string();
+                let got = get(&format!("{}/v1/media/{uuid}/content", s.url), &[]);
+                // The registered file is the inside one; it may since have
+                // been swapped away (410), but never be the outside one.
+                assert_ne!(got.body, b"OUTSIDE", "registered a file outside the roots");
+                assert!(got.status == 200 || got.status == 410, "{}", got.status);
+                if got.status == 200 {
+                    assert_eq!(got.body, b"inside");
+                }
+            }
+            403 | 404 => refused += 1,
+            other => panic!("{other}: {}", String::from_utf8_lossy(&r.body)),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let swaps = swapper.join().unwrap();
+    assert!(
+        ok > 10 && refused > 10,
+        "ok {ok}, refused {refused}, swaps {swaps}"
+    );
+    // No private registration scope is left behind.
+    let scopes = get(&format!("{}/v1/scopes", s.url), &[]).json();
+    for sc in scopes["scopes"].as_array().unwrap() {
+        assert_eq!(sc["scope"], "race", "{scopes}");
+    }
+}
