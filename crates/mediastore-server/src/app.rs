@@ -403,8 +403,14 @@ async fn upload(
             let content_type = field.content_type().unwrap_or("").to_string();
             let meta = MediaMeta::new(filename.clone().unwrap_or_default(), content_type, &source);
             let stream = field.map_err(|e| io::Error::other(e.body_text()));
-            let reader = StreamReader::new(Box::pin(stream));
-            break st.store.put(reader, &meta, &scope, &limits).await?;
+            let mut reader = StreamReader::new(Box::pin(stream));
+            match st.store.put(&mut reader, &meta, &scope, &limits).await {
+                Ok(report) => break report,
+                Err(e) => {
+                    linger(&mut reader).await;
+                    return Err(e.into());
+                }
+            }
         }
     } else {
         let meta = MediaMeta::new(filename.unwrap_or_default(), declared, &source);

@@ -541,6 +541,18 @@ fn bad_input_gets_its_status_and_changes_nothing() {
             .send(ureq::SendBody::from_reader(&mut reader)),
     );
     assert_eq!((r.status, r.code().as_str()), (413, "too_large"));
+    // The same through multipart.
+    let mut body =
+        b"--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.bin\"\r\n\r\n"
+            .to_vec();
+    body.extend(std::iter::repeat_n(9u8, 200 << 10));
+    body.extend_from_slice(b"\r\n--B--\r\n");
+    let r = post(
+        &format!("{}/v1/media?scope=big", s.url),
+        &[("Content-Type", "multipart/form-data; boundary=B")],
+        &body,
+    );
+    assert_eq!((r.status, r.code().as_str()), (413, "too_large"));
     assert_eq!(stats(&s), before);
     assert_eq!(managed_files(&s), files_before);
 }
