@@ -6,9 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
-use mediastore::{DurableStore, Expiry, MediaStore, Quotas};
+use mediastore::{Cleaner, CleanerConfig, DurableStore, Expiry, MediaStore, Quotas};
 use tokio::sync::watch;
 
 use crate::app::{self, AppState};
@@ -148,16 +147,21 @@ pub async fn run(
             let _ = quit_tx.send(true);
         });
     }
-    let cleaner = (config.cleaner.enabled && store.expiry_configured()).then(|| {
-        tokio::spawn(clean_loop(
-            store.clone(),
-            metrics.clone(),
-            config.cleaner.interval.0,
-            quit.clone(),
-        ))
+    let cleaner = Cleaner::new(
+        store.clone(),
+        CleanerConfig {
+            enabled: config.cleaner.enabled,
+            interval: config.cleaner.interval.0,
+        },
+    )
+    .on_sweep({
+        let metrics = metrics.clone();
+        move |r| metrics.sweep(r.as_ref().ok())
     });
-    if config.cleaner.enabled && cleaner.is_none() {
+    if config.cleaner.enabled && !store.expiry_configured() {
         tracing::info!("cleaner idle: no hold can expire (max_age 0 and no scope rule)");
+    } else {
+        cleaner.start()?;
     }
 
     let until_quit = |mut q: watch::Receiver<bool>| async move {
@@ -195,9 +199,10 @@ pub async fn run(
     if let Some(m) = metrics_server {
         let _ = m.await;
     }
-    if let Some(c) = cleaner {
-        let _ = c.await;
-    }
+    // Waits for a sweep in progress.
+    tokio::task::spawn_blocking(move || cleaner.stop())
+        .await
+        .map_err(|e| io_err("stopping the cleaner")(std::io::Error::other(e)))?;
     served.map_err(io_err("serving"))?;
     let closing = store.clone();
     tokio::task::spawn_blocking(move || closing.close())
@@ -205,37 +210,6 @@ pub async fn run(
         .map_err(|e| io_err("closing the store")(std::io::Error::other(e)))??;
     tracing::info!("stopped; index closed");
     Ok(())
-}
-
-/// Sweeps every `interval` until `quit`; a sweep in progress finishes.
-async fn clean_loop(
-    store: Arc<DurableStore>,
-    metrics: Arc<Metrics>,
-    interval: Duration,
-    mut quit: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = quit.wait_for(|q| *q) => return,
-        }
-        match store.clean_expired().await {
-            Ok(r) => {
-                metrics.sweep(Some(&r));
-                tracing::info!(
-                    refs_expired = r.refs_expired,
-                    files_deleted = r.files_deleted,
-                    bytes_freed = r.bytes_freed,
-                    failures = r.failures.len(),
-                    "sweep"
-                );
-            }
-            Err(e) => {
-                metrics.sweep(None);
-                tracing::error!(error = %e, "sweep failed");
-            }
-        }
-    }
 }
 
 async fn shutdown_signal() {

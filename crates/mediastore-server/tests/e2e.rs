@@ -895,3 +895,30 @@ fn register_cannot_be_raced_outside_the_roots() {
         assert_eq!(sc["scope"], "race", "{scopes}");
     }
 }
+
+/// The background cleaner expires holds, deletes their files and counts
+/// its sweeps in the metrics.
+#[test]
+fn the_cleaner_sweeps_and_reports_to_metrics() {
+    let s = Server::start("[cleaner]\nmax_age = \"1s\"\ninterval = \"200ms\"\n", &[]);
+    let m = upload(&s, "chat:1", "short.bin", b"short-lived");
+    let uuid = m["uuid"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = String::from_utf8(get(&format!("{}/metrics", s.url), &[]).body).unwrap();
+        if metrics.contains("mediastore_sweep_files_deleted_total 1") {
+            assert!(
+                metrics.contains("mediastore_sweep_refs_expired_total 1"),
+                "{metrics}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no sweep reported: {metrics}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        get(&format!("{}/v1/media/{uuid}", s.url), &[]).code(),
+        "unknown_ref"
+    );
+    assert!(managed_files(&s).is_empty());
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 use mediastore_core::{Error, Result};
 use parking_lot::{Condvar, Mutex};
 
-use crate::api::MediaStore;
+use crate::api::{MediaStore, SweepReport};
 
 /// When the cleaner runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,8 +51,12 @@ struct Running {
 pub struct Cleaner<S: MediaStore> {
     store: Arc<S>,
     config: CleanerConfig,
+    on_sweep: Option<OnSweep>,
     running: Mutex<Option<Running>>,
 }
+
+/// Called with the outcome of every sweep the cleaner runs.
+type OnSweep = Arc<dyn Fn(&Result<SweepReport>) + Send + Sync>;
 
 impl<S: MediaStore> Cleaner<S> {
     /// A stopped cleaner for `store`.
@@ -60,8 +64,16 @@ impl<S: MediaStore> Cleaner<S> {
         Self {
             store,
             config,
+            on_sweep: None,
             running: Mutex::new(None),
         }
+    }
+
+    /// Calls `f` with the outcome of every sweep (for metrics, say), on the
+    /// cleaner's thread, before the next sweep is scheduled.
+    pub fn on_sweep(mut self, f: impl Fn(&Result<SweepReport>) + Send + Sync + 'static) -> Self {
+        self.on_sweep = Some(Arc::new(f));
+        self
     }
 
     /// Starts sweeping. Returns `Ok(false)` if the cleaner is disabled,
@@ -96,9 +108,10 @@ impl<S: MediaStore> Cleaner<S> {
             .ok()
             .filter(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let thread_signal = signal.clone();
+        let on_sweep = self.on_sweep.clone();
         let thread = std::thread::Builder::new()
             .name("mediastore-cleaner".into())
-            .spawn(move || sweep_loop(&*store, interval, &thread_signal, runtime))
+            .spawn(move || sweep_loop(&*store, interval, &thread_signal, runtime, on_sweep))
             .map_err(|e| Error::Io {
                 context: "starting the cleaner thread".into(),
                 source: e,
@@ -138,6 +151,7 @@ fn sweep_loop<S: MediaStore>(
     interval: Duration,
     signal: &Signal,
     runtime: Option<tokio::runtime::Handle>,
+    on_sweep: Option<OnSweep>,
 ) {
     // Outside a runtime, a private current-thread one drives the futures.
     let own = match runtime {
@@ -169,6 +183,9 @@ fn sweep_loop<S: MediaStore>(
             (None, Some(h)) => h.block_on(fut),
             (None, None) => unreachable!("one runtime is always set"),
         };
+        if let Some(f) = &on_sweep {
+            f(&result);
+        }
         match result {
             Ok(r) if r.refs_expired > 0 || r.files_deleted > 0 || !r.failures.is_empty() => {
                 tracing::info!(

@@ -178,3 +178,46 @@ async fn works_inside_a_current_thread_runtime() {
     cleaner.stop();
     assert!(store.finished.load(Ordering::SeqCst) >= 1);
 }
+
+#[test]
+fn on_sweep_sees_every_sweep_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("old.jpg");
+    std::fs::write(&file, b"x").unwrap();
+    let clock = mediastore::ManualClock::new(mediastore::conformance::epoch());
+    let store = Arc::new(
+        MemoryStore::builder()
+            .owned_root(dir.path())
+            .max_age(Duration::from_secs(60))
+            .clock(clock.clone())
+            .build()
+            .unwrap(),
+    );
+    mediastore::conformance::block_on(store.store(
+        &file,
+        &MediaMeta::new("old.jpg", "image/jpeg", "t"),
+        "chat:1",
+    ))
+    .unwrap();
+    clock.advance(Duration::from_secs(61));
+    let seen = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let cleaner = {
+        let seen = seen.clone();
+        Cleaner::new(store, FAST).on_sweep(move |r| {
+            seen.lock()
+                .push(r.as_ref().map(|r| (r.refs_expired, r.files_deleted)).ok());
+        })
+    };
+    cleaner.start().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while seen.lock().len() < 2 {
+        assert!(Instant::now() < deadline, "no sweeps reported");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    cleaner.stop();
+    let seen = seen.lock();
+    // The first sweep expired the ref and deleted its file; later ones found nothing.
+    assert_eq!(seen[0], Some((1, 1)));
+    assert!(seen[1..].iter().all(|s| *s == Some((0, 0))), "{seen:?}");
+    assert!(!file.exists());
+}
