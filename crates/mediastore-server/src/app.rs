@@ -15,10 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, on};
 use axum::{Json, Router};
 use futures_util::TryStreamExt;
-use mediastore::{
-    CleanupPolicy, DurableStore, HoldInfo, MediaMeta, MediaRef, MediaStore, PutLimits, Resolved,
-    Timestamp,
-};
+use mediastore::{CleanupPolicy, DurableStore, MediaMeta, MediaRef, MediaStore, PutLimits};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -27,6 +24,7 @@ use tokio_util::io::{ReaderStream, StreamReader};
 use crate::content::{self, Want};
 use crate::error::{ApiError, code_for_status};
 use crate::metrics::Metrics;
+use crate::views;
 
 /// Bytes per chunk of a download: large enough that a big file goes out in
 /// few system calls, small enough to keep memory flat.
@@ -265,65 +263,6 @@ fn parse_ref(id: &str) -> Result<MediaRef, ApiError> {
     Ok(MediaRef::parse_lenient(id.trim())?)
 }
 
-fn rfc3339(t: Timestamp) -> String {
-    humantime::format_rfc3339_millis(t.to_system()).to_string()
-}
-
-/// A ref's description, as every endpoint (and the CLI) returns it.
-pub fn describe(store: &DurableStore, r: &Resolved) -> Value {
-    let size = store.core().file_size(r.file);
-    json!({
-        "id": r.id.to_string(),
-        "uuid": r.id.uuid().to_string(),
-        "filename": r.meta.filename,
-        "content_type": r.meta.content_type,
-        "source": r.meta.source,
-        "policy": r.meta.policy.map(|p| p.to_string()),
-        "size": size,
-        "sha256": store.digest(r),
-        "managed": store.digest(r).is_some(),
-        "path": r.path.to_string_lossy(),
-        "stored_at": rfc3339(r.stored_at),
-    })
-}
-
-/// Holds as JSON: scope, renewed_at, expires_at.
-pub fn holds_json(holds: &[HoldInfo]) -> Value {
-    Value::Array(
-        holds
-            .iter()
-            .map(|h| {
-                json!({
-                    "scope": h.scope,
-                    "renewed_at": rfc3339(h.renewed_at),
-                    "expires_at": h.expires_at.map(rfc3339),
-                })
-            })
-            .collect(),
-    )
-}
-
-/// The description of a ref just made or retained under `scope`, with that
-/// hold's expiry.
-pub fn describe_in_scope(
-    store: &DurableStore,
-    id: MediaRef,
-    scope: &str,
-) -> Result<Value, mediastore::Error> {
-    let r = store.core().resolve(id)?;
-    let mut v = describe(store, &r);
-    let expires = store
-        .core()
-        .holds_of(id)?
-        .into_iter()
-        .find(|h| h.scope == scope)
-        .and_then(|h| h.expires_at)
-        .map(rfc3339);
-    v["scope"] = json!(scope);
-    v["expires_at"] = json!(expires);
-    Ok(v)
-}
-
 #[derive(Deserialize)]
 struct UploadQuery {
     scope: Option<String>,
@@ -424,7 +363,7 @@ async fn upload(
             }
         }
     };
-    let mut v = describe_in_scope(&st.store, report.media_ref, &scope)?;
+    let mut v = views::in_scope(&st.store, report.media_ref, &scope)?;
     v["deduplicated"] = json!(report.deduplicated);
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
@@ -505,7 +444,7 @@ async fn register(
     );
     meta.policy = policy;
     let id = register_beneath(&st, &real, &meta, &b.scope).await?;
-    let v = describe_in_scope(&st.store, id, &b.scope)?;
+    let v = views::in_scope(&st.store, id, &b.scope)?;
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
@@ -611,11 +550,7 @@ async fn media_info(
     State(st): State<Shared>,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = parse_ref(&id)?;
-    let r = st.store.core().resolve(id)?;
-    let mut v = describe(&st.store, &r);
-    v["scopes"] = holds_json(&st.store.core().holds_of(id)?);
-    Ok(Json(v))
+    Ok(Json(views::media(&st.store, parse_ref(&id)?)?))
 }
 
 async fn download(
@@ -746,68 +681,42 @@ async fn retain(
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_ref(&id)?;
     let Json(b) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    st.store.retain(id, &b.scope).await?;
-    Ok(Json(describe_in_scope(&st.store, id, &b.scope)?))
+    Ok(Json(views::retain(&st.store, id, &b.scope).await?))
 }
 
 async fn scope_refs(
     State(st): State<Shared>,
     axum::extract::Path(scope): axum::extract::Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let ids = st.store.refs_in(&scope).await?;
-    let refs: Vec<Value> = ids
-        .into_iter()
-        .filter_map(|id| st.store.core().resolve(id).ok())
-        .map(|r| describe(&st.store, &r))
-        .collect();
-    Ok(Json(json!({"scope": scope, "refs": refs})))
+    Ok(Json(views::scope_refs(&st.store, &scope)?))
 }
 
 async fn scope_list(State(st): State<Shared>) -> Json<Value> {
-    let scopes: Vec<Value> = st
-        .store
-        .core()
-        .scope_list()
-        .into_iter()
-        .map(|(scope, holds)| json!({"scope": scope, "holds": holds}))
-        .collect();
-    Json(json!({"scopes": scopes}))
+    Json(views::scope_list(&st.store))
 }
 
 async fn release(
     State(st): State<Shared>,
     axum::extract::Path(scope): axum::extract::Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let report = st.store.release_all(&scope).await?;
-    let mut v = serde_json::to_value(&report).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    v["scope"] = json!(scope);
-    Ok(Json(v))
+    Ok(Json(views::release(&st.store, &scope).await?))
 }
 
 async fn touch(
     State(st): State<Shared>,
     axum::extract::Path(scope): axum::extract::Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let holds = st.store.touch(&scope).await?;
-    Ok(Json(json!({"scope": scope, "holds": holds})))
+    Ok(Json(views::touch(&st.store, &scope).await?))
 }
 
 async fn gc(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
     let report = st.store.clean_expired().await;
     st.metrics.sweep(report.as_ref().ok());
-    let report = report?;
-    Ok(Json(
-        serde_json::to_value(&report).map_err(|e| ApiError::bad_request(e.to_string()))?,
-    ))
+    Ok(Json(views::sweep(&report?)))
 }
 
 async fn stats(State(st): State<Shared>) -> Result<Json<Value>, ApiError> {
-    let s = st.store.stats().await?;
-    let mut v = serde_json::to_value(&s).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    v["managed_bytes"] = json!(st.store.managed_bytes());
-    v["index_commits"] = json!(st.store.journal_stats().commits);
-    v["data_dir"] = json!(st.store.data_dir().to_string_lossy());
-    Ok(Json(v))
+    Ok(Json(views::stats(&st.store).await?))
 }
 
 async fn healthz() -> Json<Value> {

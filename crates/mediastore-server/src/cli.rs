@@ -12,9 +12,9 @@ use clap::{Args, Parser, Subcommand};
 use mediastore::{DurableStore, MediaMeta, MediaRef, MediaStore, PutLimits};
 use serde_json::{Value, json};
 
-use crate::app::{describe, describe_in_scope, holds_json};
 use crate::config::{self, Config, Overrides};
 use crate::error::ApiError;
+use crate::views;
 
 /// What the exit status means, for scripts.
 pub const EXIT_CODES: &str = "\
@@ -379,12 +379,7 @@ impl Backend {
     fn meta(&self, id: MediaRef) -> Result<Value, CliError> {
         match self {
             Self::Remote(r) => r.call("GET", &format!("/v1/media/{}", id.uuid()), None),
-            Self::Local(l) => {
-                let r = l.store.core().resolve(id)?;
-                let mut v = describe(&l.store, &r);
-                v["scopes"] = holds_json(&l.store.core().holds_of(id)?);
-                Ok(v)
-            }
+            Self::Local(l) => Ok(views::media(&l.store, id)?),
         }
     }
 
@@ -392,25 +387,8 @@ impl Backend {
         match (self, scope) {
             (Self::Remote(r), Some(s)) => r.call("GET", &format!("/v1/scopes/{}", enc(s)), None),
             (Self::Remote(r), None) => r.call("GET", "/v1/scopes", None),
-            (Self::Local(l), Some(s)) => {
-                let refs: Vec<Value> = l
-                    .block(l.store.refs_in(s))?
-                    .into_iter()
-                    .filter_map(|id| l.store.core().resolve(id).ok())
-                    .map(|r| describe(&l.store, &r))
-                    .collect();
-                Ok(json!({"scope": s, "refs": refs}))
-            }
-            (Self::Local(l), None) => {
-                let scopes: Vec<Value> = l
-                    .store
-                    .core()
-                    .scope_list()
-                    .into_iter()
-                    .map(|(scope, holds)| json!({"scope": scope, "holds": holds}))
-                    .collect();
-                Ok(json!({"scopes": scopes}))
-            }
+            (Self::Local(l), Some(s)) => Ok(views::scope_refs(&l.store, s)?),
+            (Self::Local(l), None) => Ok(views::scope_list(&l.store)),
         }
     }
 
@@ -421,54 +399,35 @@ impl Backend {
                 &format!("/v1/media/{}/retain", id.uuid()),
                 Some(json!({ "scope": scope })),
             ),
-            Self::Local(l) => {
-                l.block(l.store.retain(id, scope))?;
-                Ok(describe_in_scope(&l.store, id, scope)?)
-            }
+            Self::Local(l) => l.block(views::retain(&l.store, id, scope)),
         }
     }
 
     fn release(&self, scope: &str) -> Result<Value, CliError> {
         match self {
             Self::Remote(r) => r.call("DELETE", &format!("/v1/scopes/{}", enc(scope)), None),
-            Self::Local(l) => {
-                let report = l.block(l.store.release_all(scope))?;
-                let mut v = serde_json::to_value(report).unwrap_or_default();
-                v["scope"] = json!(scope);
-                Ok(v)
-            }
+            Self::Local(l) => l.block(views::release(&l.store, scope)),
         }
     }
 
     fn touch(&self, scope: &str) -> Result<Value, CliError> {
         match self {
             Self::Remote(r) => r.call("POST", &format!("/v1/scopes/{}/touch", enc(scope)), None),
-            Self::Local(l) => {
-                let holds = l.block(l.store.touch(scope))?;
-                Ok(json!({"scope": scope, "holds": holds}))
-            }
+            Self::Local(l) => l.block(views::touch(&l.store, scope)),
         }
     }
 
     fn gc(&self) -> Result<Value, CliError> {
         match self {
             Self::Remote(r) => r.call("POST", "/v1/gc", None),
-            Self::Local(l) => {
-                Ok(serde_json::to_value(l.block(l.store.clean_expired())?).unwrap_or_default())
-            }
+            Self::Local(l) => Ok(views::sweep(&l.block(l.store.clean_expired())?)),
         }
     }
 
     fn stats(&self) -> Result<Value, CliError> {
         match self {
             Self::Remote(r) => r.call("GET", "/v1/stats", None),
-            Self::Local(l) => {
-                let mut v = serde_json::to_value(l.block(l.store.stats())?).unwrap_or_default();
-                v["managed_bytes"] = json!(l.store.managed_bytes());
-                v["index_commits"] = json!(l.store.journal_stats().commits);
-                v["data_dir"] = json!(l.store.data_dir().to_string_lossy());
-                Ok(v)
-            }
+            Self::Local(l) => l.block(views::stats(&l.store)),
         }
     }
 }
@@ -733,7 +692,7 @@ impl Local {
             let f = self.rt.block_on(async { tokio::fs::File::from_std(f) });
             self.block(self.store.put(f, meta, scope, &limits))?
         };
-        let mut v = describe_in_scope(&self.store, report.media_ref, scope)?;
+        let mut v = views::in_scope(&self.store, report.media_ref, scope)?;
         v["deduplicated"] = json!(report.deduplicated);
         Ok(v)
     }

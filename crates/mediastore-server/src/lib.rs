@@ -39,3 +39,4 @@ pub mod metrics;
 pub mod openapi;
 pub mod serve;
 pub mod units;
+pub mod views;
