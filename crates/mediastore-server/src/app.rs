@@ -419,82 +419,127 @@ async fn register(
             path: b.path.clone(),
             source: e,
         })?;
-    if !st.roots.iter().any(|root| real.starts_with(root)) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "outside_roots",
-            format!(
-                "{} is not under a configured root (store.owned_roots, store.shared_roots)",
-                b.path.display()
-            ),
-        ));
-    }
+    let opened = open_beneath(&st, &real).await?;
     let filename = b.filename.unwrap_or_else(|| {
         real.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     });
-    let head = read_head(&real).await;
-    let content_type =
-        mediastore::decide_content_type(&head, b.content_type.as_deref().unwrap_or(""), &filename);
+    let content_type = mediastore::decide_content_type(
+        &opened.head,
+        b.content_type.as_deref().unwrap_or(""),
+        &filename,
+    );
     let mut meta = MediaMeta::new(
         filename,
         content_type,
         b.source.unwrap_or_else(|| "http".into()),
     );
     meta.policy = policy;
-    let id = register_beneath(&st, &real, &meta, &b.scope).await?;
+    let id = register_checked(&st, &real, &meta, &b.scope, opened.identity).await?;
     let v = views::in_scope(&st.store, id, &b.scope)?;
     Ok((StatusCode::CREATED, Json(v)).into_response())
 }
 
-/// Registers `real` (canonical, under a root) so that what gets registered
-/// is the file that was inside the root. Between the check and the store's
-/// own `stat`, a directory on the path could be swapped for a symlink to
-/// somewhere else. So the file is first opened beneath its root (the
-/// kernel refuses to leave it: `openat2(RESOLVE_BENEATH)`), the ref is made
-/// under a private scope, and only if the registered file is the opened
-/// one does the ref move to the caller's scope; otherwise it is released
-/// and the request refused.
-async fn register_beneath(
-    st: &AppState,
-    real: &Path,
-    meta: &MediaMeta,
-    scope: &str,
-) -> Result<MediaRef, ApiError> {
-    let outside = || {
-        ApiError::new(
-            StatusCode::FORBIDDEN,
-            "outside_roots",
-            format!(
-                "{} is not under a configured root (store.owned_roots, store.shared_roots)",
-                real.display()
-            ),
-        )
-    };
+fn outside_roots(path: &Path) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "outside_roots",
+        format!(
+            "{} is not under a configured root (store.owned_roots, store.shared_roots)",
+            path.display()
+        ),
+    )
+}
+
+/// A file to register, as opened beneath its root.
+struct Opened {
+    /// Device and inode; `None` on a kernel without `openat2`, where the
+    /// canonical path's check is all there is.
+    identity: Option<(u64, u64)>,
+    /// The first bytes, for sniffing the content type.
+    head: Vec<u8>,
+}
+
+/// Opens `real` (canonical) beneath the root it lies under: the kernel
+/// refuses to leave the root on the way (`openat2(RESOLVE_BENEATH)`), so
+/// the file opened is inside it even if a directory on the path was
+/// swapped for a symlink since `canonicalize`.
+async fn open_beneath(st: &AppState, real: &Path) -> Result<Opened, ApiError> {
     let (root, rel) = st
         .roots
         .iter()
         .find_map(|root| Some((root.clone(), real.strip_prefix(root).ok()?.to_path_buf())))
-        .ok_or_else(outside)?;
-    let opened = tokio::task::spawn_blocking(move || identity_beneath(&root, &rel))
+        .ok_or_else(|| outside_roots(real))?;
+    let path = real.to_path_buf();
+    let opened = tokio::task::spawn_blocking(move || read_beneath(&root, &rel, &path))
         .await
-        .map_err(|e| mediastore::Error::io("checking a registered file", io::Error::other(e)))?;
-    let want = match opened {
-        Ok(key) => key,
-        // An older kernel: the canonical path's check is all there is.
-        Err(e) if e.raw_os_error() == Some(rustix::io::Errno::NOSYS.raw_os_error()) => {
-            return Ok(st.store.store(real, meta, scope).await?);
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(mediastore::Error::File {
+        .map_err(|e| mediastore::Error::io("opening a registered file", io::Error::other(e)))?;
+    opened.map_err(|e| {
+        use rustix::io::Errno;
+        // EXDEV: the walk would leave the root; ELOOP: too many links.
+        let escaped = e
+            .raw_os_error()
+            .is_some_and(|n| n == Errno::XDEV.raw_os_error() || n == Errno::LOOP.raw_os_error());
+        if escaped {
+            outside_roots(real)
+        } else {
+            mediastore::Error::File {
                 path: real.to_path_buf(),
                 source: e,
             }
-            .into());
+            .into()
         }
-        // EXDEV: the path left the root while we looked.
-        Err(_) => return Err(outside()),
+    })
+}
+
+fn read_beneath(root: &Path, rel: &Path, real: &Path) -> io::Result<Opened> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    use std::io::Read;
+    let dir = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    // Non-blocking: a FIFO planted under a root must not hang the request.
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let (identity, mut file) = match rustix::fs::openat2(
+        &dir,
+        rel,
+        flags,
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+    ) {
+        Ok(fd) => {
+            let st = rustix::fs::fstat(&fd)?;
+            (Some((st.st_dev, st.st_ino)), std::fs::File::from(fd))
+        }
+        Err(rustix::io::Errno::NOSYS) => {
+            let fd = rustix::fs::open(real, flags, Mode::empty())?;
+            (None, std::fs::File::from(fd))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut head = Vec::with_capacity(8192);
+    // A directory or unreadable file sniffs as nothing; the store refuses
+    // what it cannot register.
+    let _ = (&mut file).take(8192).read_to_end(&mut head);
+    Ok(Opened { identity, head })
+}
+
+/// Registers `real`, keeping the ref only if the store registered the file
+/// that was opened beneath the root (`want`): the ref is made under a
+/// private scope and moves to the caller's scope only then; otherwise it is
+/// released and the request refused.
+async fn register_checked(
+    st: &AppState,
+    real: &Path,
+    meta: &MediaMeta,
+    scope: &str,
+    want: Option<(u64, u64)>,
+) -> Result<MediaRef, ApiError> {
+    let Some(want) = want else {
+        return Ok(st.store.store(real, meta, scope).await?);
     };
     let private = format!("mediastore:register:{}", uuid::Uuid::new_v4());
     let id = st.store.store(real, meta, &private).await?;
@@ -502,48 +547,11 @@ async fn register_beneath(
     let moved = if (got.dev, got.ino) == want {
         st.store.retain(id, scope).await.map_err(ApiError::from)
     } else {
-        Err(outside())
+        Err(outside_roots(real))
     };
     // The private scope holds only this ref.
     st.store.release_all(&private).await?;
     moved.map(|()| id)
-}
-
-/// The device and inode of the file at `rel` beneath `root`, opened
-/// without ever leaving `root` (symlinks included).
-fn identity_beneath(root: &Path, rel: &Path) -> io::Result<(u64, u64)> {
-    use rustix::fs::{Mode, OFlags, ResolveFlags};
-    let dir = rustix::fs::open(
-        root,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )?;
-    let fd = rustix::fs::openat2(
-        &dir,
-        rel,
-        OFlags::PATH | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
-    )?;
-    let st = rustix::fs::fstat(&fd)?;
-    Ok((st.st_dev, st.st_ino))
-}
-
-/// The first bytes of a file, for sniffing its type; empty if unreadable.
-async fn read_head(path: &Path) -> Vec<u8> {
-    let mut head = vec![0u8; 8192];
-    let Ok(mut f) = tokio::fs::File::open(path).await else {
-        return Vec::new();
-    };
-    let mut n = 0;
-    while n < head.len() {
-        match f.read(&mut head[n..]).await {
-            Ok(0) | Err(_) => break,
-            Ok(k) => n += k,
-        }
-    }
-    head.truncate(n);
-    head
 }
 
 async fn media_info(
