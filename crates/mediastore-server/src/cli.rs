@@ -190,6 +190,16 @@ pub fn run(cli: &Cli) -> Result<(), CliError> {
             .map_err(|e| CliError::usage(e.to_string()))?;
         Backend::Local(Box::new(Local::open(&config)?))
     };
+    let result = execute(cli, &backend);
+    // Closed whatever happened, so its own error (a failed final commit)
+    // is not lost to a drop.
+    if let Backend::Local(l) = backend {
+        l.close()?;
+    }
+    result
+}
+
+fn execute(cli: &Cli, backend: &Backend) -> Result<(), CliError> {
     let out = match &cli.command {
         Command::Serve(_) => unreachable!("serve is run by main"),
         Command::Put {
@@ -210,9 +220,7 @@ pub fn run(cli: &Cli) -> Result<(), CliError> {
                 content_type.clone().unwrap_or_default(),
                 source.clone().unwrap_or_else(|| "cli".into()),
             );
-            let v = backend.put(file, &meta, scope)?;
-            print(cli.json, &v, |v| v["id"].as_str().unwrap_or("").to_string());
-            return Ok(());
+            backend.put(file, &meta, scope)?
         }
         Command::Get { reference, output } => {
             if cli.json && output.is_none() {
@@ -239,9 +247,6 @@ pub fn run(cli: &Cli) -> Result<(), CliError> {
         Command::Stats => backend.stats()?,
     };
     print(cli.json, &out, |v| human(&cli.command, v));
-    if let Backend::Local(l) = backend {
-        l.close()?;
-    }
     Ok(())
 }
 
@@ -259,6 +264,8 @@ fn human(command: &Command, v: &Value) -> String {
         other => other.to_string(),
     };
     match command {
+        // Just the ref, for scripts.
+        Command::Put { .. } => field("id"),
         Command::Meta { .. } | Command::Retain { .. } => {
             let mut lines: Vec<String> = [
                 "id",
