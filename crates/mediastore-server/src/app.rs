@@ -290,32 +290,38 @@ async fn upload(
         ApiError::bad_request("the scope query parameter is required (?scope=...)")
     })?;
     mediastore::validate_scope(&scope)?;
-    let headers = req.headers().clone();
-    // Refused before reading a byte when the client says it is too big.
+    let headers = req.headers();
     let declared_len = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared_len.is_some_and(|len| len > st.max_object) {
-        // With `Expect: 100-continue` (curl sends it for big bodies) the
-        // client has sent nothing yet, and never will.
-        let mut body =
-            StreamReader::new(req.into_body().into_data_stream().map_err(io::Error::other));
-        linger(&mut body).await;
-        return Err(mediastore::Error::TooLarge {
-            limit: st.max_object,
-        }
-        .into());
-    }
+    let expects_continue = headers
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let declared = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let mut filename = header_text(&headers, "x-media-filename").or(q.filename);
-    let source = header_text(&headers, "x-media-source")
+    let mut filename = header_text(headers, "x-media-filename").or(q.filename);
+    let source = header_text(headers, "x-media-source")
         .or(q.source)
         .unwrap_or_else(|| "http".into());
+    // Refused before reading a byte when the client says it is too big.
+    if declared_len.is_some_and(|len| len > st.max_object) {
+        // A client waiting for `100 Continue` (curl, for big bodies) has
+        // sent nothing and, unanswered, never will: reading the body would
+        // invite it. Any other client is already sending.
+        if !expects_continue {
+            let mut body =
+                StreamReader::new(req.into_body().into_data_stream().map_err(io::Error::other));
+            linger(&mut body).await;
+        }
+        return Err(mediastore::Error::TooLarge {
+            limit: st.max_object,
+        }
+        .into());
+    }
     let limits = PutLimits {
         max_bytes: Some(st.max_object),
     };

@@ -922,3 +922,35 @@ fn the_cleaner_sweeps_and_reports_to_metrics() {
     );
     assert!(managed_files(&s).is_empty());
 }
+
+/// A client that waits for `100 Continue` before sending an oversize body
+/// is refused at once, never invited to send it.
+#[test]
+fn an_oversize_upload_awaiting_continue_is_refused_without_being_invited() {
+    use std::io::Write;
+    let s = Server::start("[store]\nmax_object_size = \"1MiB\"\n", &[]);
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        conn,
+        "POST /v1/media?scope=big HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 10737418240\r\nExpect: 100-continue\r\n\r\n"
+    )
+    .unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+        let n = conn.read(&mut buf).unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the refusal waited for a body: {:?}",
+        started.elapsed()
+    );
+}
