@@ -197,12 +197,10 @@ async fn auth(State(st): State<Shared>, req: Request, next: Next) -> Response {
 async fn observe(State(st): State<Shared>, req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = method_name(req.method());
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |m| m.as_str())
-        .to_string();
-    let path = req.uri().path().to_string();
+    // Kept past `next.run` by cheap clones (an `Arc<str>`, a shared `Uri`).
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let route = route.as_ref().map_or("unmatched", |m| m.as_str());
+    let uri = req.uri().clone();
     let mut resp = next.run(req).await;
     let status = resp.status();
     if status.as_u16() >= 400 && !is_json(resp.headers()) {
@@ -226,10 +224,10 @@ async fn observe(State(st): State<Shared>, req: Request, next: Next) -> Response
         resp = fixed;
     }
     let took = started.elapsed();
-    st.metrics.request(&route, method, status.as_u16(), took);
+    st.metrics.request(route, method, status.as_u16(), took);
     tracing::info!(
         method,
-        path,
+        path = uri.path(),
         route,
         status = status.as_u16(),
         micros = took.as_micros() as u64,

@@ -31,10 +31,15 @@ struct Sweeps {
     delete_failures: u64,
 }
 
+/// One route's series, by method and status.
+type RouteSeries = BTreeMap<(&'static str, u16), Series>;
+
 /// The server's counters.
 #[derive(Default)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, &'static str, u16), Series>>,
+    /// Route, then (method, status): a request of a known route looks its
+    /// series up by `&str`, allocating nothing.
+    requests: Mutex<BTreeMap<String, RouteSeries>>,
     sweeps: Mutex<Sweeps>,
 }
 
@@ -43,7 +48,11 @@ impl Metrics {
     pub fn request(&self, route: &str, method: &'static str, status: u16, took: Duration) {
         let secs = took.as_secs_f64();
         let mut map = self.requests.lock();
-        let s = map.entry((route.to_string(), method, status)).or_default();
+        let per_route = match map.get_mut(route) {
+            Some(m) => m,
+            None => map.entry(route.to_string()).or_default(),
+        };
+        let s = per_route.entry((method, status)).or_default();
         s.count += 1;
         s.sum += secs;
         for (i, bound) in BUCKETS.iter().enumerate() {
@@ -157,7 +166,13 @@ impl Metrics {
             out,
             "# HELP mediastore_http_requests_total Requests answered, by route, method and status.\n# TYPE mediastore_http_requests_total counter"
         );
-        for ((route, method, status), s) in map.iter() {
+        let series = || {
+            map.iter().flat_map(|(route, m)| {
+                m.iter()
+                    .map(move |((method, status), s)| (route, method, status, s))
+            })
+        };
+        for (route, method, status, s) in series() {
             let _ = writeln!(
                 out,
                 "mediastore_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {}",
@@ -168,7 +183,7 @@ impl Metrics {
             out,
             "# HELP mediastore_http_request_duration_seconds Time to answer (headers sent; a download's body may stream on).\n# TYPE mediastore_http_request_duration_seconds histogram"
         );
-        for ((route, method, status), s) in map.iter() {
+        for (route, method, status, s) in series() {
             let labels = format!("route=\"{route}\",method=\"{method}\",status=\"{status}\"");
             for (i, bound) in BUCKETS.iter().enumerate() {
                 let _ = writeln!(
